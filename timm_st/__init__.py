@@ -1,0 +1,22 @@
+"""timm-st: stimulative training (ST, ST++) for timm models, as a timm `TrainingTask`."""
+from .adapters import Stage, register_subnet_adapter, subnet_stages, use_subnet
+from .batchnorm import frozen_running_stats, recalibrate_bn
+from .config import StimulativeConfig
+from .losses import (
+    SubnetLoss, dkd_loss, kl_div_loss, mse_prob_loss, normalize_logits, register_subnet_loss, soft_ce_loss,
+)
+from .plan import SubnetPlan
+from .resize import resize_input
+from .samplers import OrderedSubnetSampler, RandomSubnetSampler, SubnetSampler
+from .spaces import register_sample_space, resolve_sample_space
+from .task import StimulativeTask
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'StimulativeTask', 'StimulativeConfig', 'SubnetPlan',
+    'Stage', 'register_subnet_adapter', 'subnet_stages', 'use_subnet',
+    'SubnetSampler', 'OrderedSubnetSampler', 'RandomSubnetSampler', 'register_sample_space', 'resolve_sample_space',
+    'SubnetLoss', 'register_subnet_loss', 'normalize_logits', 'kl_div_loss', 'soft_ce_loss', 'mse_prob_loss', 'dkd_loss',
+    'resize_input', 'frozen_running_stats', 'recalibrate_bn',
+]

@@ -1,0 +1,169 @@
+"""Sub-network adapters: where a model's stages and blocks are, and running a model with a subset.
+
+An adapter is a function `model -> list[Stage]`, registered per model class. Running a
+sub-network temporarily narrows each stage container to its kept blocks, so the model's own
+forward (drop-path, grad checkpointing, channels-last and all) runs exactly the sub-network.
+"""
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+from timm.utils.model import unwrap_model
+
+from .plan import SubnetPlan
+
+__all__ = ['Stage', 'register_subnet_adapter', 'subnet_stages', 'use_subnet', 'stage_depths']
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A container whose child modules are one stage's blocks, run in order.
+
+    `droppable[i]` says whether block `i` may be skipped (it has an identity skip connection);
+    the first block of a stage is never droppable.
+    """
+
+    container: nn.Module
+    droppable: Tuple[bool, ...]
+
+    def __post_init__(self):
+        droppable = tuple(bool(d) for d in self.droppable)
+        if len(droppable) != len(self.container._modules):
+            raise ValueError(
+                f'Stage has {len(self.container._modules)} blocks but {len(droppable)} droppable flags')
+        if droppable and droppable[0]:
+            droppable = (False,) + droppable[1:]
+        object.__setattr__(self, 'droppable', droppable)
+
+    @property
+    def depth(self) -> int:
+        return len(self.droppable)
+
+    @property
+    def max_tail_drop(self) -> int:
+        """How many trailing blocks an ordered (prefix) plan may skip."""
+        n = 0
+        for d in reversed(self.droppable):
+            if not d:
+                break
+            n += 1
+        return n
+
+
+AdapterFn = Callable[[nn.Module], List[Stage]]
+_ADAPTERS: Dict[type, AdapterFn] = {}
+
+
+def register_subnet_adapter(model_cls: type, fn: Optional[AdapterFn] = None):
+    """Register `fn(model) -> list[Stage]` for `model_cls` and its subclasses (usable as a decorator)."""
+    def _register(f: AdapterFn) -> AdapterFn:
+        _ADAPTERS[model_cls] = f
+        return f
+    return _register(fn) if fn is not None else _register
+
+
+def subnet_stages(model: nn.Module) -> List[Stage]:
+    """The stages of `model` (DDP / compiled wrappers are looked through)."""
+    model = unwrap_model(model)
+    for cls in type(model).__mro__:
+        if cls in _ADAPTERS:
+            stages = _ADAPTERS[cls](model)
+            if not stages:
+                raise ValueError(f'The sub-network adapter for {cls.__name__} returned no stages.')
+            return stages
+    supported = ', '.join(sorted(c.__name__ for c in _ADAPTERS))
+    raise ValueError(
+        f'No sub-network adapter for model class {type(model).__name__}. Supported families: {supported}. '
+        f'For another residual architecture, register one: '
+        f'timm_st.register_subnet_adapter({type(model).__name__}, fn) where fn(model) returns a list of '
+        f'timm_st.Stage(container, droppable) naming each stage container and which blocks have a skip.')
+
+
+def stage_depths(stages: Sequence[Stage]) -> Tuple[int, ...]:
+    return tuple(s.depth for s in stages)
+
+
+def _check_plan(stages: Sequence[Stage], plan: SubnetPlan) -> None:
+    if len(plan.blocks) != len(stages):
+        raise ValueError(f'SubnetPlan has {len(plan.blocks)} stages, the model has {len(stages)}')
+    for s, (stage, kept) in enumerate(zip(stages, plan.blocks)):
+        if kept[-1] >= stage.depth:
+            raise ValueError(f'SubnetPlan stage {s} keeps block {kept[-1]} but the stage has {stage.depth}')
+        skipped = set(range(stage.depth)).difference(kept)
+        bad = sorted(i for i in skipped if not stage.droppable[i])
+        if bad:
+            raise ValueError(f'SubnetPlan stage {s} skips blocks {bad}, which have no skip connection')
+
+
+@contextmanager
+def use_subnet(stages: Sequence[Stage], plan: SubnetPlan) -> Iterator[None]:
+    """Within the block, the model runs only `plan`'s blocks; restored on exit, also on error.
+
+    Keep the block open through backward when grad checkpointing recomputes the forward.
+    """
+    _check_plan(stages, plan)
+    saved = []
+    try:
+        for stage, kept in zip(stages, plan.blocks):
+            modules = stage.container._modules
+            if len(kept) == len(modules):
+                continue
+            names = list(modules)
+            saved.append((stage.container, modules))
+            object.__setattr__(stage.container, '_modules', OrderedDict((names[i], modules[names[i]]) for i in kept))
+        yield
+    finally:
+        for container, modules in reversed(saved):
+            object.__setattr__(container, '_modules', modules)
+
+
+def _first_kept(n: int) -> Tuple[bool, ...]:
+    return tuple(i > 0 for i in range(n))
+
+
+def _stages_all_residual(containers: Sequence[nn.Module]) -> List[Stage]:
+    return [Stage(c, _first_kept(len(c._modules))) for c in containers]
+
+
+def _register_builtin() -> None:
+    from timm.models.convnext import ConvNeXt
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.regnet import RegNet
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    @register_subnet_adapter(ResNet)
+    def _resnet(model: ResNet) -> List[Stage]:
+        layers = [model.layer1, model.layer2, model.layer3, model.layer4]
+        return [
+            Stage(layer, tuple(i > 0 and getattr(b, 'downsample', None) is None for i, b in enumerate(layer)))
+            for layer in layers
+        ]
+
+    @register_subnet_adapter(RegNet)
+    def _regnet(model: RegNet) -> List[Stage]:
+        return _stages_all_residual([model.s1, model.s2, model.s3, model.s4])
+
+    @register_subnet_adapter(ConvNeXt)
+    def _convnext(model: ConvNeXt) -> List[Stage]:
+        return _stages_all_residual([stage.blocks for stage in model.stages])
+
+    @register_subnet_adapter(VisionTransformer)
+    def _vit(model: VisionTransformer) -> List[Stage]:
+        return _stages_all_residual([model.blocks])
+
+    def _mbconv(model: nn.Module) -> List[Stage]:
+        return [
+            Stage(stage, tuple(i > 0 and bool(getattr(b, 'has_skip', False)) for i, b in enumerate(stage)))
+            for stage in model.blocks
+        ]
+
+    register_subnet_adapter(EfficientNet, _mbconv)
+    register_subnet_adapter(MobileNetV3, _mbconv)
+
+
+_register_builtin()

@@ -1,0 +1,78 @@
+"""BatchNorm handling for sub-network passes, and re-estimation of running statistics."""
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ['frozen_running_stats', 'recalibrate_bn']
+
+
+def _stat_norms(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+
+
+@contextmanager
+def frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """Within the block, norm layers normalise with batch statistics (in train mode) but leave
+    running_mean / running_var / num_batches_tracked untouched (also with momentum=None)."""
+    norms = _stat_norms(model)
+    try:
+        for m in norms:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+@torch.no_grad()
+def recalibrate_bn(
+        model: nn.Module,
+        loader: Iterable,
+        num_images: int,
+        device: Optional[torch.device] = None,
+        autocast: Callable[[], ContextManager] = nullcontext,
+) -> int:
+    """Re-estimate the running statistics of `model`'s norm layers on `num_images` training images.
+
+    Statistics are reset and re-accumulated as an equal-weight average over batches
+    (momentum=None), with the full network in train mode, as the authors do before each
+    validation. Returns the number of images used. In distributed runs each rank estimates on
+    its own shard; reduce afterwards (timm's `distribute_bn`) to make ranks agree.
+    """
+    norms = _stat_norms(model)
+    if not norms or num_images <= 0:
+        return 0
+    momenta = [m.momentum for m in norms]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    seen = 0
+    try:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if device is not None:
+                x = x.to(device)
+            with autocast():
+                model(x)
+            seen += x.shape[0]
+            if seen >= num_images:
+                break
+        if seen == 0:
+            raise ValueError('recalibrate_bn: the loader produced no images; running statistics left unchanged')
+    except BaseException:
+        for m, (mean, var, count) in zip(norms, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        raise
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return seen

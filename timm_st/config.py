@@ -1,0 +1,126 @@
+"""`StimulativeConfig`: the validated `stimulative:` section of a recipe."""
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional, Tuple, Union
+
+from .losses import get_subnet_loss, list_subnet_losses
+
+__all__ = ['StimulativeConfig']
+
+_CHOICES = {
+    'norm': ('layernorm', 'l2'),
+    'coef_schedule': ('constant', 'cosine_up', 'cosine_down'),
+    'sampler': ('ordered', 'random'),
+    'bn': ('freeze', 'update'),
+}
+# keys that only mean something for one setting of another key: key -> (other key, value)
+_ONLY_WITH = {
+    'norm': ('loss', 'kl_direction'),
+    'amplitude': ('loss', 'kl_direction'),
+    'min_keep_prob': ('sampler', 'random'),
+    'sample_space': ('sampler', 'ordered'),
+}
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f'stimulative.{key}: got {value!r}; allowed: {allowed}')
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class StimulativeConfig:
+    """Settings of stimulative training (see ST_SPEC.md); `from_dict` validates a recipe section."""
+
+    num_subnets: int = 1
+    loss: str = 'kl'
+    norm: str = 'layernorm'
+    amplitude: float = 1.0
+    temperature: float = 1.0
+    coef: float = 1.0
+    coef_schedule: str = 'constant'
+    start_epoch: int = 0
+    sampler: str = 'ordered'
+    min_keep_prob: float = 0.8
+    sample_space: Union[str, Mapping[str, Tuple[int, ...]]] = 'default'
+    input_scale: Optional[Tuple[float, float]] = None
+    bn: str = 'freeze'
+    recalibrate_bn: int = 0
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, section: Optional[Mapping[str, Any]]) -> 'StimulativeConfig':
+        """Validate a `stimulative:` mapping; unknown keys, wrong types and bad values raise ValueError."""
+        section = dict(section or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(section) - set(known))
+        if unknown:
+            raise ValueError(f'stimulative: unknown key(s) {unknown}; allowed keys: {known}')
+        values = {k: section.get(k, getattr(cls, k)) for k in known}
+        v = values
+
+        for key in ('num_subnets', 'start_epoch', 'recalibrate_bn', 'seed'):
+            if not _is_int(v[key]) or (key != 'seed' and v[key] < 0):
+                _fail(key, v[key], 'an integer >= 0' if key != 'seed' else 'an integer')
+        if v['loss'] not in list_subnet_losses():
+            _fail('loss', v['loss'], f'one of {list(list_subnet_losses())}')
+        for key, choices in _CHOICES.items():
+            if v[key] not in choices:
+                _fail(key, v[key], f'one of {list(choices)}')
+        for key in ('amplitude', 'temperature'):
+            if not _is_number(v[key]) or v[key] <= 0:
+                _fail(key, v[key], 'a number > 0')
+        if not _is_number(v['coef']) or v['coef'] < 0:
+            _fail('coef', v['coef'], 'a number >= 0')
+        if not _is_number(v['min_keep_prob']) or not 0 < v['min_keep_prob'] <= 1:
+            _fail('min_keep_prob', v['min_keep_prob'], 'a number in (0, 1]')
+        v['sample_space'] = _check_space(v['sample_space'])
+        v['input_scale'] = _check_scale(v['input_scale'])
+        for key, (other, needed) in _ONLY_WITH.items():
+            if key in section and v[other] != needed:
+                raise ValueError(
+                    f'stimulative.{key}: only used with {other}: {needed}, but {other} is {v[other]!r}; '
+                    f'remove {key} or set {other}: {needed}')
+        for key in ('amplitude', 'temperature', 'coef', 'min_keep_prob'):
+            v[key] = float(v[key])
+        return cls(**v)
+
+    @property
+    def subnet_loss(self):
+        return get_subnet_loss(self.loss)
+
+    def coef_at(self, epoch: int, num_epochs: Optional[int]) -> float:
+        """Weight of the sub-network losses at `epoch` (0 before `start_epoch`)."""
+        if self.num_subnets == 0 or epoch < self.start_epoch:
+            return 0.0
+        if self.coef_schedule == 'constant':
+            return self.coef
+        up = self.coef * (1.0 - math.cos(math.pi * epoch / num_epochs)) / 2.0
+        return up if self.coef_schedule == 'cosine_up' else self.coef - up
+
+
+def _check_space(space: Any):
+    if isinstance(space, str):
+        return space
+    if isinstance(space, Mapping) and len(space) == 1:
+        (key, values), = space.items()
+        if key in ('max_drop', 'min_keep') and isinstance(values, (list, tuple)) and values and all(
+                _is_int(x) and x >= 0 for x in values):
+            return {key: tuple(values)}
+    _fail('sample_space', space, 'a space name, or a mapping {max_drop: [ints >= 0 per stage]} or '
+                                 '{min_keep: [ints >= 1 per stage]}')
+
+
+def _check_scale(scale: Any):
+    if scale is None:
+        return None
+    if (isinstance(scale, (list, tuple)) and len(scale) == 2 and all(_is_number(s) for s in scale)
+            and 0 < scale[0] <= scale[1] <= 1):
+        return (float(scale[0]), float(scale[1]))
+    _fail('input_scale', scale, 'null, or [lo, hi] with 0 < lo <= hi <= 1')

@@ -1,0 +1,44 @@
+"""`SubnetPlan`: which blocks of each stage a sub-network keeps, and its input size."""
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class SubnetPlan:
+    """A sub-network: the kept block indices of every stage and the input size.
+
+    `blocks[s]` lists, in increasing order, the indices of the blocks of stage `s` that run;
+    the others are skipped. Ordered ("keep the first k") plans are prefixes, random plans are
+    arbitrary masks; both are this one type. `input_size` is the side of the square the batch
+    is resized to before the pass, or None to use the batch as it is. Plans are hashable, so
+    the distinct sub-networks of a run can be counted.
+    """
+
+    blocks: Tuple[Tuple[int, ...], ...]
+    input_size: Optional[int] = None
+
+    def __post_init__(self):
+        blocks = tuple(tuple(int(i) for i in stage) for stage in self.blocks)
+        object.__setattr__(self, 'blocks', blocks)
+        for s, kept in enumerate(blocks):
+            if not kept or kept[0] != 0:
+                raise ValueError(f'SubnetPlan stage {s} must keep its first block (index 0), got {kept}')
+            if any(b <= a for a, b in zip(kept, kept[1:])):
+                raise ValueError(f'SubnetPlan stage {s} block indices must be strictly increasing, got {kept}')
+        if self.input_size is not None and (isinstance(self.input_size, bool) or int(self.input_size) < 1):
+            raise ValueError(f'SubnetPlan input_size must be a positive int or None, got {self.input_size!r}')
+
+    @classmethod
+    def prefix(cls, depths: Sequence[int], input_size: Optional[int] = None) -> 'SubnetPlan':
+        """Keep the first `depths[s]` blocks of every stage `s`."""
+        return cls(tuple(tuple(range(d)) for d in depths), input_size)
+
+    @classmethod
+    def from_masks(cls, masks: Sequence[Sequence[bool]], input_size: Optional[int] = None) -> 'SubnetPlan':
+        """Keep the blocks whose mask entry is true (one mask per stage)."""
+        return cls(tuple(tuple(i for i, keep in enumerate(m) if keep) for m in masks), input_size)
+
+    @property
+    def depths(self) -> Tuple[int, ...]:
+        """Number of kept blocks per stage."""
+        return tuple(len(kept) for kept in self.blocks)

@@ -1,0 +1,269 @@
+"""`StimulativeTask`: stimulative training (ST / ST++) as a timm `TrainingTask`.
+
+One step, as timm's loop drives it (`result = task(x, y)`, one backward on `result['loss']`,
+one optimizer step):
+
+1. forward: the full network runs and its loss is returned through `_RunSubnetsAfterBackward`;
+2. the loop's backward processes the main graph (freeing it), then the engine runs our queued
+   callback, which for each sampled plan resizes the original batch, runs the sub-network and
+   backpropagates `coef * loss_i` scaled by the gradient the main loss received (this carries
+   GradScaler's scale and the loop's 1/accum division), one sub-network graph at a time;
+3. the optimizer step sees the sum of all gradients, exactly those of
+   `main_loss + coef * sum_i loss_i`.
+
+Under DDP the main pass and all but the last sub-network bypass the DDP wrapper; the last
+sub-network runs through it, so DDP's single reduction covers every accumulated gradient
+(DDP counts parameters used during its no-sync passes as used) and happens after all of them.
+"""
+import inspect
+import logging
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from timm.task import TrainingTask, resolve_classification_loss
+
+from .adapters import subnet_stages, use_subnet, stage_depths
+from .batchnorm import frozen_running_stats
+from .config import StimulativeConfig
+from .losses import normalize_logits
+from .plan import SubnetPlan
+from .resize import resize_input
+from .samplers import OrderedSubnetSampler, RandomSubnetSampler
+from .spaces import resolve_sample_space
+
+__all__ = ['StimulativeTask']
+
+_logger = logging.getLogger(__name__)
+
+
+class _ModelRunner(nn.Module):
+    """What DDP wraps: the model as `module` (so timm's `unwrap_model` finds it), called either
+    through the main (possibly compiled) path or eagerly for a sub-network."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = model
+        object.__setattr__(self, 'main', model)  # not registered: may be a compiled wrapper of `module`
+
+    def forward(self, x: torch.Tensor, subnet: bool = False) -> torch.Tensor:
+        return self.module(x) if subnet else self.main(x)
+
+
+class _SubnetStep:
+    """What one step's sub-network passes need, captured at forward time."""
+
+    def __init__(self, task: 'StimulativeTask', x, target, teacher, plans: List[SubnetPlan], coef: float):
+        self.task = task
+        self.x = x
+        self.target = target
+        self.teacher = teacher
+        self.plans = plans
+        self.coef = coef
+        self.device_type = x.device.type
+        self.autocast = torch.is_autocast_enabled(self.device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(self.device_type)
+
+    def run(self, grad: torch.Tensor) -> None:
+        task = self.task
+        losses = []
+        with torch.enable_grad(), torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast):
+            for i, plan in enumerate(self.plans):
+                last = i == len(self.plans) - 1
+                x = resize_input(self.x, plan.input_size)
+                with use_subnet(task.stages, plan), task._subnet_norm_context():
+                    output = task._run(x, subnet=True, sync=last)
+                    with torch.autocast(self.device_type, enabled=False):
+                        loss = task._subnet_loss(output.float(), self.teacher, self.target)
+                    (loss * (self.coef * grad)).backward()
+                losses.append(loss.detach())
+        task.subnet_loss = torch.stack(losses).mean()
+
+
+class _RunSubnetsAfterBackward(torch.autograd.Function):
+    """Identity on the main loss whose backward queues the sub-network passes to run once the
+    engine has finished the main graph."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, step: _SubnetStep) -> torch.Tensor:
+        ctx.step = step
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        step, ctx.step = ctx.step, None
+        if step is not None:
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: step.run(grad))
+        return grad, None
+
+
+class StimulativeTask(TrainingTask):
+    """Stimulative training: the full network's loss plus, per step, `num_subnets` sampled
+    sub-networks trained to imitate the full network's detached prediction.
+
+    Args:
+        model: A residual timm model with a sub-network adapter (see `register_subnet_adapter`).
+        config: The recipe's `stimulative:` section (dict) or a `StimulativeConfig`.
+        criterion: Main-network loss; created from `criterion_kwargs` when None (as timm does).
+        criterion_kwargs: Arguments for timm's `create_classification_loss`.
+        sampler: Any object with `sample()` returning a `SubnetPlan` (a `sample(input_height)`
+            signature receives the batch height); built from the config when None.
+        num_epochs: Total epochs, needed by the cosine coefficient schedules.
+        device, dtype, verbose: As for timm's tasks.
+
+    `task.set_epoch(e)` tells the task the epoch; `task.subnet_loss` is the mean sub-network loss
+    of the last step (a tensor, set after backward; None when no sub-network ran).
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            config: Union[None, Mapping[str, Any], StimulativeConfig] = None,
+            criterion: Optional[Callable] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            sampler: Optional[Any] = None,
+            num_epochs: Optional[int] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        self.config = config if isinstance(config, StimulativeConfig) else StimulativeConfig.from_dict(config)
+        cfg = self.config
+        if cfg.coef_schedule != 'constant' and (not isinstance(num_epochs, int) or num_epochs < 1):
+            raise ValueError(
+                f'stimulative.coef_schedule: {cfg.coef_schedule!r} needs the total number of epochs; '
+                f'pass num_epochs (got {num_epochs!r})')
+        self.num_epochs = num_epochs
+        self.trainable_module = model
+        object.__setattr__(self, '_runner', _ModelRunner(model))
+        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+        self.epoch = 0
+        self.subnet_loss: Optional[torch.Tensor] = None
+
+        self.stages = None
+        self.sampler = sampler
+        if cfg.num_subnets > 0 or sampler is not None:
+            self.stages = subnet_stages(model)
+            if sampler is None:
+                self.sampler = self._build_sampler()
+        self._sample_takes_height = self.sampler is not None and (
+            'input_height' in inspect.signature(self.sampler.sample).parameters)
+        if verbose:
+            _logger.info(f'{type(self).__name__}: {cfg}')
+
+    def _build_sampler(self):
+        cfg = self.config
+        if cfg.sampler == 'random':
+            return RandomSubnetSampler(self.stages, cfg.min_keep_prob, cfg.input_scale, cfg.seed)
+        max_drop = resolve_sample_space(cfg.sample_space, self.stages)
+        return OrderedSubnetSampler(stage_depths(self.stages), max_drop, cfg.input_scale, cfg.seed)
+
+    @property
+    def model(self) -> nn.Module:
+        """The bare model (no DDP, no compile wrapper)."""
+        return self._runner.module
+
+    # --- step -------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def current_coef(self) -> float:
+        return self.config.coef_at(self.epoch, self.num_epochs)
+
+    def _subnets_this_step(self) -> int:
+        if self.sampler is None or not torch.is_grad_enabled() or self.current_coef() == 0:
+            return 0
+        return self.config.num_subnets
+
+    def _run(self, x: torch.Tensor, subnet: bool, sync: bool) -> torch.Tensor:
+        """Run the model; through DDP (whose backward reduces gradients) only when `sync`."""
+        module = self.trainable_module
+        if sync and isinstance(module, DistributedDataParallel):
+            return module(x, subnet=subnet)
+        return self._runner(x, subnet=subnet)
+
+    def _logits_for_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.subnet_loss.normalized_logits:
+            return normalize_logits(logits, self.config.norm, self.config.amplitude)
+        return logits
+
+    def _subnet_loss(self, output: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.config.subnet_loss.fn(self._logits_for_loss(output), teacher, target, self.config.temperature)
+
+    def _subnet_norm_context(self):
+        return frozen_running_stats(self.model) if self.config.bn == 'freeze' else nullcontext()
+
+    def _sample(self, input_height: int) -> SubnetPlan:
+        if self._sample_takes_height:
+            return self.sampler.sample(input_height=input_height)
+        return self.sampler.sample()
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Full-network pass and loss; the sub-network passes run during the loop's backward.
+
+        Returns `loss` (main loss; its backward adds the sub-network gradients) and `output`
+        (the raw logits of the full network).
+        """
+        self.subnet_loss = None
+        num_subnets = self._subnets_this_step()
+        output = self._run(input, subnet=False, sync=num_subnets == 0)
+        logits = self._logits_for_loss(output)
+        loss = self.criterion(logits, target)
+        if num_subnets == 0:
+            return {'loss': loss, 'output': output}
+        plans = [self._sample(input.shape[-2]) for _ in range(num_subnets)]
+        step = _SubnetStep(self, input, target, logits.detach().float(), plans, self.current_coef())
+        return {'loss': _RunSubnetsAfterBackward.apply(loss, step), 'output': output}
+
+    # --- timm task contract -------------------------------------------------------------------
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """Compile the full-network path; sub-networks run eagerly (no recompilation per plan)."""
+        compiled = torch.compile(self.model, backend=backend, mode=mode, **compile_kwargs)
+        object.__setattr__(self._runner, 'main', compiled)
+        self.eval_model = compiled
+        return compiled
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'StimulativeTask':
+        """Wrap the model in DDP. With sub-networks, `find_unused_parameters` is required (a
+        sub-network skips blocks) and `static_graph` is not possible (the graph changes)."""
+        if self.sampler is not None:
+            if ddp_kwargs.get('find_unused_parameters') is False or ddp_kwargs.get('static_graph'):
+                raise ValueError(
+                    'StimulativeTask with sub-networks needs DDP(find_unused_parameters=True, static_graph=False): '
+                    'sub-networks skip blocks, so the set of used parameters changes every pass')
+            ddp_kwargs['find_unused_parameters'] = True
+        if device_ids is not None and all(torch.device(d).type == 'cpu' for d in device_ids):
+            device_ids = None  # DDP takes no device_ids for CPU modules
+        self.trainable_module = DistributedDataParallel(self._runner, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        if module is None and not ema and not hasattr(self, 'eval_model'):
+            return self.model
+        return super().get_eval_model(module=module, ema=ema)
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The sampler's generator state (so a resumed run draws the same plans)."""
+        if ema or not hasattr(self.sampler, 'state_dict'):
+            return {}
+        return {'subnet_sampler': self.sampler.state_dict()}
+
+    def load_task_state(
+            self,
+            state: Optional[Dict[str, Any]],
+            strict: bool = True,
+            module: Optional[nn.Module] = None,
+            ema: bool = False,
+    ) -> None:
+        if ema or not hasattr(self.sampler, 'load_state_dict'):
+            return
+        if state and 'subnet_sampler' in state:
+            self.sampler.load_state_dict(state['subnet_sampler'])
+        elif self.verbose:
+            _logger.warning('Checkpoint has no sub-network sampler state; sampling starts from the configured seed.')
