@@ -1,7 +1,5 @@
 """The ST step: exact gradients, memory order, BatchNorm, common-training parity, resume, EMA."""
-import gc
 import math
-import os
 import weakref
 
 import pytest
@@ -289,13 +287,6 @@ def test_exception_in_subnet_pass_restores_model(resnet):
 
 def test_resume_continues_the_plan_sequence(resnet, tmp_path):
     config = {'num_subnets': 2, 'input_scale': [0.5, 1.0], 'seed': 3}
-    drawn = []
-
-    def run(task, steps):
-        for _ in range(steps):
-            task(*batch())['loss'].backward()
-            drawn.append(task.sampler.sample.__self__.generator.get_state().clone())
-
     full = StimulativeTask(clone(resnet), config, verbose=False)
     plans_full = [full.sampler.sample(input_height=32) for _ in range(8)]
 
