@@ -569,3 +569,13 @@ def test_wrapped_model_is_looked_through():
 
     stages = subnet_stages(Wrapper(model))
     assert stages[0].container is model.layer1
+
+
+def test_nested_use_subnet_is_refused():
+    model = timm.create_model('resnet18', num_classes=3)
+    stages = timm_st.subnet_stages(model)
+    with timm_st.use_subnet(stages, timm_st.SubnetPlan.prefix((1, 2, 2, 2))):
+        with pytest.raises(RuntimeError, match='nested'):
+            with timm_st.use_subnet(stages, timm_st.SubnetPlan.prefix((2, 1, 2, 2))):
+                pass
+    assert len(model.layer1) == 2

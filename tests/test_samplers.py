@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import timm
+import timm_st
 
 from timm_st import (
     OrderedSubnetSampler, RandomSubnetSampler, Stage, SubnetPlan, resolve_sample_space, subnet_stages, use_subnet,
@@ -303,3 +304,16 @@ def test_random_sampler_min_keep_prob_one_keeps_everything():
     sampler = RandomSubnetSampler(fake_stages(R50), min_keep_prob=1.0, seed=0)
     full = SubnetPlan.prefix(R50)
     assert all(p == full for p in _draw(sampler, 50))
+
+
+@pytest.mark.parametrize('space', [{'min_keeps': [1, 2, 3, 1]}, {'min_keep': [1, 1, 1, 1], 'max_drop': [0, 0, 0, 0]}])
+def test_mapping_space_needs_exactly_one_known_key(space):
+    stages = [timm_st.Stage(nn.Sequential(*[nn.Identity() for _ in range(d)]), (True,) * d) for d in (3, 4, 6, 3)]
+    with pytest.raises(ValueError, match='exactly one key, max_drop or min_keep'):
+        timm_st.resolve_sample_space(space, stages)
+
+
+@pytest.mark.parametrize('size', [100.7, '64', True, 0])
+def test_plan_input_size_must_be_positive_int(size):
+    with pytest.raises(ValueError, match='input_size'):
+        timm_st.SubnetPlan(((0,),), input_size=size)

@@ -4,6 +4,7 @@ An adapter is a function `model -> list[Stage]`, registered per model class. Run
 sub-network temporarily narrows each stage container to its kept blocks, so the model's own
 forward (drop-path, grad checkpointing, channels-last and all) runs exactly the sub-network.
 """
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Stage:
         return n
 
 
+_NARROWED: 'weakref.WeakSet[nn.Module]' = weakref.WeakSet()  # containers currently narrowed by use_subnet
 AdapterFn = Callable[[nn.Module], List[Stage]]
 _ADAPTERS: Dict[type, AdapterFn] = {}
 
@@ -105,6 +107,8 @@ def use_subnet(stages: Sequence[Stage], plan: SubnetPlan) -> Iterator[None]:
     Keep the block open through backward when grad checkpointing recomputes the forward.
     """
     _check_plan(stages, plan)
+    if any(stage.container in _NARROWED for stage in stages):
+        raise RuntimeError('use_subnet: this model is already running a sub-network (nested use_subnet)')
     saved = []
     try:
         for stage, kept in zip(stages, plan.blocks):
@@ -113,11 +117,13 @@ def use_subnet(stages: Sequence[Stage], plan: SubnetPlan) -> Iterator[None]:
                 continue
             names = list(modules)
             saved.append((stage.container, modules))
+            _NARROWED.add(stage.container)
             object.__setattr__(stage.container, '_modules', OrderedDict((names[i], modules[names[i]]) for i in kept))
         yield
     finally:
         for container, modules in reversed(saved):
             object.__setattr__(container, '_modules', modules)
+            _NARROWED.discard(container)
 
 
 def _first_kept(n: int) -> Tuple[bool, ...]:

@@ -1,4 +1,5 @@
 """`SubnetPlan`: which blocks of each stage a sub-network keeps, and its input size."""
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -25,8 +26,11 @@ class SubnetPlan:
                 raise ValueError(f'SubnetPlan stage {s} must keep its first block (index 0), got {kept}')
             if any(b <= a for a, b in zip(kept, kept[1:])):
                 raise ValueError(f'SubnetPlan stage {s} block indices must be strictly increasing, got {kept}')
-        if self.input_size is not None and (isinstance(self.input_size, bool) or int(self.input_size) < 1):
-            raise ValueError(f'SubnetPlan input_size must be a positive int or None, got {self.input_size!r}')
+        size = self.input_size
+        if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1):
+            raise ValueError(f'SubnetPlan input_size must be a positive int or None, got {size!r}')
+        if size is not None:
+            object.__setattr__(self, 'input_size', int(size))
 
     @classmethod
     def prefix(cls, depths: Sequence[int], input_size: Optional[int] = None) -> 'SubnetPlan':

@@ -54,6 +54,10 @@ def resolve_sample_space(space: SpaceSpec, stages: Sequence[Stage]) -> Tuple[int
                 f'with {len(depths)} entries')
         max_drop = tuple(min(m, lim) for m, lim in zip(fn(depths), limits)) if required is None else fn(depths)
     else:
+        if len(space) != 1 or next(iter(space)) not in ('max_drop', 'min_keep'):
+            raise ValueError(
+                f'sample_space: {dict(space)!r} must be a mapping with exactly one key, max_drop or min_keep, '
+                f'whose value lists one integer per stage')
         (key, values), = space.items()
         values = list(values)
         if len(values) != len(depths):
