@@ -1,4 +1,5 @@
 """timm-st: stimulative training (ST, ST++) for timm models, as a timm `TrainingTask`."""
+from . import models  # registers the CIFAR ResNets with timm
 from .adapters import Stage, register_subnet_adapter, subnet_stages, use_subnet
 from .batchnorm import frozen_running_stats, recalibrate_bn
 from .config import StimulativeConfig

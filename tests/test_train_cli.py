@@ -1,0 +1,181 @@
+"""`timm-st train` end to end on a tiny generated image folder (CPU)."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from timm_st.train import main
+
+BASE = [
+    '--model', 'resnet20_cifar', '--img-size', '16', '--crop-pct', '1.0', '--batch-size', '8',
+    '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.05', '--workers', '0', '--device', 'cpu',
+    '--hflip', '0', '--color-jitter', '0', '--no-prefetcher', '--eval-subnets', '3', '--log-interval', '100',
+]
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.RandomState(0)
+    for split, count in (('train', 8), ('validation', 4)):
+        for label in range(3):
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.randint(0, 60, (16, 16, 3)).astype(np.uint8) + np.uint8(80 * label)
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+def write_recipe(path, stimulative=None, **keys):
+    import yaml
+    recipe = dict(keys)
+    if stimulative is not None:
+        recipe['stimulative'] = stimulative
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def run(args):
+    assert main([str(a) for a in args]) == 0
+
+
+def summary_rows(out):
+    with open(out / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('method', ['ct', 'st'])
+def test_two_epochs_write_outputs(tmp_path, image_folder, method):
+    recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 2, 'input_scale': [0.5, 1.0]} if method == 'st' else None)
+    run(['-c', recipe, '--data-dir', image_folder, '--output', tmp_path, '--experiment', 'run'] + BASE)
+    out = tmp_path / 'run'
+    rows = summary_rows(out)
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    for key in ('train_loss', 'lr', 'eval_loss', 'eval_top1', 'eval_top5', 'train_epoch_time', 'train_img_per_sec'):
+        assert float(rows[-1][key]) >= 0
+    if method == 'st':
+        assert float(rows[-1]['train_subnet_loss']) > 0
+    else:
+        assert 'train_subnet_loss' not in rows[-1]
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-1.pth.tar', 'args.yaml'):
+        assert (out / name).is_file(), name
+    results = json.loads((out / 'results.json').read_text())
+    assert results['method'] == ('stimulative' if method == 'st' else 'common')
+    assert results['full']['top1'] == pytest.approx(float(rows[-1]['eval_top1']))
+    assert results['subnets']['count'] == 3 and len(results['subnets']['subnets']) == 3
+    assert results['subnets']['top1_min'] <= results['subnets']['top1_mean'] <= results['subnets']['top1_max']
+    assert results['class_names'] == ['class0', 'class1', 'class2']
+    checkpoint = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert ('subnet_sampler' in checkpoint.get('task_state', {})) == (method == 'st')
+
+
+def _sampler_state(path):
+    return torch.load(path, map_location='cpu', weights_only=False)['task_state']['subnet_sampler']['generator']
+
+
+def test_resume_continues_epochs_and_subnet_sequence(tmp_path, image_folder):
+    recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 2, 'input_scale': [0.5, 1.0], 'seed': 5})
+    common = ['-c', recipe, '--data-dir', image_folder, '--output', tmp_path] + BASE + ['--epochs', '3']
+    run(common + ['--experiment', 'full'])
+    run(common + ['--experiment', 'first', '--epochs', '3', '--eval-subnets', '0'])
+    # resume from the end of epoch 1 of an identical run
+    run(common + ['--experiment', 'resumed', '--resume', tmp_path / 'first' / 'checkpoint-1.pth.tar'])
+    assert [r['epoch'] for r in summary_rows(tmp_path / 'resumed')] == ['2']
+    assert torch.equal(_sampler_state(tmp_path / 'first' / 'checkpoint-1.pth.tar'),
+                       _sampler_state(tmp_path / 'full' / 'checkpoint-1.pth.tar'))
+    # same draws in epoch 2 from the same state: the same sequence as the uninterrupted run
+    assert torch.equal(_sampler_state(tmp_path / 'resumed' / 'last.pth.tar'),
+                       _sampler_state(tmp_path / 'full' / 'last.pth.tar'))
+
+
+def test_resume_without_state_would_differ(tmp_path, image_folder):
+    """The resume check above can fail: a fresh sampler ends elsewhere."""
+    recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 2, 'seed': 5})
+    common = ['-c', recipe, '--data-dir', image_folder, '--output', tmp_path] + BASE + ['--eval-subnets', '0']
+    run(common + ['--experiment', 'a', '--epochs', '3'])
+    run(common + ['--experiment', 'b', '--epochs', '3', '--start-epoch', '2'])
+    assert not torch.equal(_sampler_state(tmp_path / 'a' / 'last.pth.tar'), _sampler_state(tmp_path / 'b' / 'last.pth.tar'))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_gloo(tmp_path, image_folder):
+    recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 2, 'input_scale': [0.5, 1.0]})
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-port', str(_free_port()),
+           '-m', 'timm_st', 'train', '-c', recipe, '--data-dir', str(image_folder), '--output', str(tmp_path),
+           '--experiment', 'ddp'] + BASE
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / 'ddp' / 'results.json').read_text())
+    assert results['world_size'] == 2 and results['subnets']['count'] == 3
+    assert [r['epoch'] for r in summary_rows(tmp_path / 'ddp')] == ['0', '1']
+
+
+@pytest.fixture
+def corrupt_checkpoint(tmp_path):
+    path = tmp_path / 'corrupt.pth.tar'
+    path.write_bytes(b'not a checkpoint at all')
+    return path
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--data-dir', '/nonexistent/imagenet'], "data directory '/nonexistent/imagenet' does not exist"),
+    ([], 'no dataset given'),
+    (['--model', 'resnet51'], "unknown model 'resnet51'"),
+    (['--resume', '/nonexistent/last.pth.tar'], "checkpoint '/nonexistent/last.pth.tar' does not exist"),
+    (['--resume', 'CORRUPT'], 'is corrupt or not a PyTorch checkpoint'),
+    (['--num-classes', '5'], 'num_classes is 5 but the dataset has 3 classes'),
+    (['--batch-size', 'eight'], 'invalid command line'),
+])
+def test_errors_exit_before_training(tmp_path, image_folder, corrupt_checkpoint, capsys, extra, message):
+    extra = [str(corrupt_checkpoint) if a == 'CORRUPT' else a for a in extra]
+    data = [] if any(a == '--data-dir' for a in extra) or not extra and message == 'no dataset given' else [
+        '--data-dir', str(image_folder)]
+    code = main(BASE + data + extra + ['--output', str(tmp_path / 'out'), '--experiment', 'x'])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('recipe,message', [
+    ({'weight_decai': 0.1}, "recipe key(s) ['weight_decai'] not supported"),
+    ({'lr': '0.1'}, "recipe key 'lr': expected a number, got '0.1'"),
+    ({'stimulative': {'num_subnets': 2, 'sample_space': 'space3'}}, "space 'space3' is written for stage depths"),
+    ({'stimulative': {'loss': 'kl', 'amplitude': 2.0}}, 'stimulative.amplitude: only used with loss: kl_direction'),
+    ({'stimulative': {'loss': 'dkd'}, 'mixup': 0.2}, "'dkd' needs class-index targets"),
+    ({'stimulative': 'yes'}, 'stimulative: expected a mapping'),
+    ({'model': 'mixer_s16_224', 'img_size': 16, 'stimulative': {'num_subnets': 1}}, 'No sub-network adapter for model class MlpMixer'),
+])
+def test_recipe_errors_exit_before_training(tmp_path, image_folder, capsys, recipe, message):
+    path = tmp_path / 'bad.yaml'
+    import yaml
+    path.write_text(yaml.safe_dump(recipe))
+    args = ['-c', str(path)] + BASE + ['--data-dir', str(image_folder), '--output', str(tmp_path / 'out')]
+    if 'model' in recipe:
+        args = ['-c', str(path)] + [a for a in BASE] + ['--model', recipe['model'], '--data-dir', str(image_folder),
+                                                        '--output', str(tmp_path / 'out')]
+    code = main(args)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_unreadable_dataset(tmp_path, capsys):
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    code = main(BASE + ['--data-dir', str(tmp_path / 'empty'), '--output', str(tmp_path / 'out')])
+    assert code == 2
+    assert 'cannot read dataset' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()

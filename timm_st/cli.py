@@ -1,0 +1,29 @@
+"""The `timm-st` command: `timm-st train ...` (and `python -m timm_st train ...` under torchrun)."""
+import sys
+from typing import Optional, Sequence
+
+__all__ = ['main']
+
+_USAGE = """usage: timm-st COMMAND [options]
+
+commands:
+  train     train a timm model with a recipe (common or stimulative training)
+
+Run `timm-st COMMAND --help` for the options of a command."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(_USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == 'train':
+        from .train import main as train_main
+        return train_main(rest)
+    print(f'timm-st: unknown command {command!r}\n\n{_USAGE}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
