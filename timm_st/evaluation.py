@@ -4,7 +4,7 @@ from typing import Callable, ContextManager, Dict, Iterable, List, Mapping, Opti
 
 import torch
 import torch.nn as nn
-from timm.task import ClassificationEvaluator
+import torch.nn.functional as F
 
 from .adapters import Stage, stage_depths, subnet_stages, use_subnet
 from .plan import SubnetPlan
@@ -24,8 +24,12 @@ def validate(
         distributed: bool = False,
         max_samples: Optional[int] = None,
 ) -> Dict[str, float]:
-    """Loss, top-1 and top-5 (percent) of `model` in eval mode over `loader`."""
-    evaluator = ClassificationEvaluator(device=device, max_samples=max_samples)
+    """Loss, top-1 and top-5 (percent) of `model` in eval mode over `loader`.
+
+    `max_samples` drops the padding a distributed sampler adds, counted per rank in order.
+    """
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, examples, top-1, top-5 correct
+    seen = 0
     was_training = model.training
     model.eval()
     try:
@@ -35,10 +39,24 @@ def validate(
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 output = model(x)
-            evaluator.update(output, y)
+            if max_samples is not None:
+                keep = max(0, min(output.shape[0], max_samples - seen))
+                output, y = output[:keep], y[:keep]
+            seen += output.shape[0]
+            if not output.shape[0]:
+                continue
+            output = output.float()
+            correct = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(y[:, None])
+            totals += torch.stack([
+                F.cross_entropy(output, y, reduction='sum').double(), torch.tensor(output.shape[0], device=device),
+                correct[:, 0].sum(), correct.any(-1).sum()]).double()
     finally:
         model.train(was_training)
-    return dict(evaluator.compute(distributed=distributed))
+    if distributed:
+        torch.distributed.all_reduce(totals)
+    count = max(totals[1].item(), 1)
+    return {'loss': totals[0].item() / count, 'top1': 100 * totals[2].item() / count,
+            'top5': 100 * totals[3].item() / count}
 
 
 def sample_eval_plans(stages: List[Stage], space: Union[str, Mapping] = 'default', count: int = 10,

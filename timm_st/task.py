@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from timm.task import TrainingTask, resolve_classification_loss
+from timm.task import TrainingTask
 
 from .adapters import subnet_stages, use_subnet, stage_depths
 from .batchnorm import frozen_running_stats
@@ -107,8 +107,7 @@ class StimulativeTask(TrainingTask):
     Args:
         model: A residual timm model with a sub-network adapter (see `register_subnet_adapter`).
         config: The recipe's `stimulative:` section (dict) or a `StimulativeConfig`.
-        criterion: Main-network loss; created from `criterion_kwargs` when None (as timm does).
-        criterion_kwargs: Arguments for timm's `create_classification_loss`.
+        criterion: Main-network loss (as given to timm's ClassificationTask); cross-entropy when None.
         sampler: Any object with `sample()` returning a `SubnetPlan` (a `sample(input_height)`
             signature receives the batch height); built from the config when None.
         num_epochs: Total epochs, needed by the cosine coefficient schedules.
@@ -123,7 +122,6 @@ class StimulativeTask(TrainingTask):
             model: nn.Module,
             config: Union[None, Mapping[str, Any], StimulativeConfig] = None,
             criterion: Optional[Callable] = None,
-            criterion_kwargs: Optional[Dict[str, Any]] = None,
             sampler: Optional[Any] = None,
             num_epochs: Optional[int] = None,
             device: Optional[torch.device] = None,
@@ -140,7 +138,8 @@ class StimulativeTask(TrainingTask):
         self.num_epochs = num_epochs
         self.trainable_module = model
         object.__setattr__(self, '_runner', _ModelRunner(model))
-        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+        criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.criterion = criterion.to(self.device) if isinstance(criterion, nn.Module) else criterion
         self.epoch = 0
         self.subnet_loss: Optional[torch.Tensor] = None
 

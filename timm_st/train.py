@@ -7,6 +7,7 @@ distributed init and BN distribution. What is ours: the stimulative task, the re
 the sub-network evaluation, and the output files (`summary.csv` with sub-network loss, epoch
 time and throughput; `results.json` with full-network and sub-network accuracy).
 """
+import inspect
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import timm
 from timm import utils
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
-from timm.loss import create_classification_loss
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -125,6 +126,18 @@ def _build_datasets(args):
     return train, val
 
 
+def _train_size_kwargs(args) -> Dict[str, object]:
+    """Training resolution(s) that differ from the evaluation size (timm >= 1.0.29 loaders)."""
+    if args.train_img_sizes is None:
+        if args.train_batch_sizes is not None:
+            _fail('train_batch_sizes needs train_img_sizes (one batch size per training size)')
+        return {}
+    if 'input_size_choices' not in inspect.signature(create_loader).parameters:
+        _fail(f'train_img_sizes needs timm >= 1.0.29 (installed: {timm.__version__}); pip install -U timm')
+    return dict(input_size_choices=args.train_img_sizes, batch_size_choices=args.train_batch_sizes,
+                batch_choice_seed=args.seed)
+
+
 def _dataset_classes(dataset) -> Optional[int]:
     reader = getattr(dataset, 'reader', None)
     class_to_idx = getattr(reader, 'class_to_idx', None)
@@ -140,6 +153,17 @@ def _class_names(dataset):
         return [name for name, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
     classes = getattr(dataset, 'classes', None)
     return list(classes) if classes else None
+
+
+def _train_criterion(args, mixup_active: bool) -> torch.nn.Module:
+    """The training loss timm's train.py builds for the same options."""
+    bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if mixup_active:  # mixup/cutmix make soft targets and apply the smoothing themselves
+        return BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
+    if args.smoothing:
+        return BinaryCrossEntropy(smoothing=args.smoothing, **bce) if args.bce_loss else LabelSmoothingCrossEntropy(
+            smoothing=args.smoothing)
+    return BinaryCrossEntropy(**bce) if args.bce_loss else torch.nn.CrossEntropyLoss()
 
 
 def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
@@ -185,9 +209,7 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
         model = convert_sync_batchnorm(model)
 
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    criterion = create_classification_loss(
-        loss_type='bce' if args.bce_loss else 'ce', smoothing=args.smoothing, soft_targets=mixup_active,
-        bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
+    criterion = _train_criterion(args, mixup_active).to(device)
     if config is not None:
         if config.subnet_loss.hard_labels and mixup_active:
             _fail(f"stimulative.loss: {config.loss!r} needs class-index targets, but mixup/cutmix make soft "
@@ -257,8 +279,7 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
         vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
         grayscale_prob=args.grayscale_prob, gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa,
         num_aug_repeats=args.aug_repeats, interpolation=train_interpolation, worker_seeding=args.worker_seeding,
-        collate_fn=collate_fn, input_size_choices=args.train_img_sizes, batch_size_choices=args.train_batch_sizes,
-        batch_choice_seed=args.seed, **common)
+        collate_fn=collate_fn, **_train_size_kwargs(args), **common)
     loader_eval = create_loader(
         dataset_eval, input_size=data_config['input_size'],
         batch_size=args.validation_batch_size or args.batch_size, is_training=False,
