@@ -1,4 +1,4 @@
-"""The `timm-st` command: `timm-st train ...` (and `python -m timm_st train ...` under torchrun)."""
+"""The `timm-st` command: `timm-st train ...` (`python -m timm_st train ...` under torchrun), `timm-st publish ...`."""
 import sys
 from typing import Optional, Sequence
 
@@ -8,6 +8,7 @@ _USAGE = """usage: timm-st COMMAND [options]
 
 commands:
   train     train a timm model with a recipe (common or stimulative training)
+  publish   put a trained checkpoint on the Hugging Face hub as a timm model (or --local-dir DIR)
 
 Run `timm-st COMMAND --help` for the options of a command."""
 
@@ -21,6 +22,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == 'train':
         from .train import main as train_main
         return train_main(rest)
+    if command == 'publish':
+        from .publish import main as publish_main
+        return publish_main(rest)
     print(f'timm-st: unknown command {command!r}\n\n{_USAGE}', file=sys.stderr)
     return 2
 
