@@ -1,0 +1,547 @@
+"""timm_st.hook (no-patch route) and patches/ (the --task option) for timm's own train.py.
+
+Part (a) runs the hook's logic on a fake train.py namespace. Part (b) runs the real train.py of a
+pytorch-image-models checkout, whose path comes from the environment variable TIMM_TRAIN_PY
+(e.g. TIMM_TRAIN_PY=/path/to/pytorch-image-models/train.py); without it those tests are skipped.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+
+import timm_st.hook as hook
+from timm_st import StimulativeConfig, StimulativeTask
+from timm_st.hook import StimulativeRecipeError, TrainPyStimulativeTask
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = REPO / 'patches' / 'train_task_option.patch'
+APPLY = REPO / 'patches' / 'apply.sh'
+
+# --- (a) the hook's logic on a fake train.py ------------------------------------------------------
+
+# the parts of timm's train.py the hook relies on, with the same names and signatures
+FAKE_TRAIN_PY = '''
+import argparse
+from contextlib import suppress
+
+import torch
+from timm import utils
+from timm.task import ClassificationTask
+
+events = []
+parser = argparse.ArgumentParser()
+parser.add_argument('--epochs', type=int, default=2)
+
+
+def train_one_epoch(epoch, model, loader, optimizer, args, task=None, device=torch.device('cpu'),
+                    amp_autocast=suppress, **kwargs):
+    events.append(('train', epoch, task.epoch if hasattr(task, 'epoch') else None))
+    return {'loss': 0.0}
+
+
+def validate(model, loader, loss_fn, args, device=torch.device('cpu'), amp_autocast=suppress, model_dtype=None,
+             log_suffix=''):
+    events.append(('validate' + log_suffix,))
+    return {'loss': 0.0, 'top1': 0.0, 'top5': 0.0}
+
+
+def main():
+    args = ARGS
+    if ACTIVATE:
+        ACTIVATE(MODULE)  # as importing the device_modules does
+    model = MODEL
+    task = ClassificationTask(model=model, criterion=torch.nn.CrossEntropyLoss(), device=torch.device('cpu'),
+                              dtype=None, verbose=False)
+    for epoch in range(args.epochs):
+        train_one_epoch(epoch, model, LOADER, None, args, task=task, amp_autocast=suppress)
+        if (epoch + 1) % VAL_INTERVAL == 0:
+            validate(model, [], None, args, amp_autocast=suppress)
+            validate(model, [], None, args, amp_autocast=suppress, log_suffix=' (EMA)')
+    return task
+'''
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return timm.create_model('resnet20_cifar', num_classes=3)
+
+
+def make_args(stimulative=None, **extra):
+    args = argparse.Namespace(**{**dict(epochs=2, mixup=0.0, cutmix=0.0, cutmix_minmax=None, kd_model_name=None),
+                                 **extra})
+    if stimulative is not None:
+        args.stimulative = stimulative
+    return args
+
+
+def fake_train_module(tmp_path, args, name='train.py', activate=None, val_interval=1, source=FAKE_TRAIN_PY):
+    module = types.ModuleType('__main__')
+    module.__file__ = str(tmp_path / name)
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    module.__dict__.update(ARGS=args, ACTIVATE=activate, MODEL=tiny_model(), LOADER=loader, MODULE=module,
+                           VAL_INTERVAL=val_interval)
+    exec(compile(source, module.__file__, 'exec'), module.__dict__)
+    return module
+
+
+@pytest.fixture
+def recorded_recalibration(monkeypatch):
+    """Replaces the hook's recalibrate_bn: each call appends ('recalibrate', n) to `.events`."""
+    recorder = types.SimpleNamespace(events=[])
+
+    def fake_recalibrate(model, loader, num_images, device=None, autocast=None):
+        assert next(iter(loader)).shape == (4, 3, 16, 16)  # the training loader's images
+        recorder.events.append(('recalibrate', num_images))
+        return num_images
+
+    monkeypatch.setattr(hook, 'recalibrate_bn', fake_recalibrate)
+    return recorder
+
+
+def test_plain_import_is_a_no_op():
+    # under pytest, __main__ is not a timm train.py: importing the hook installed nothing
+    assert hook.STATE is None
+    assert hook.activate() is None
+
+
+@pytest.mark.parametrize('name, timm_global', [('cli.py', True), ('train.py', False), ('__main__.py', True)])
+def test_no_op_when_main_is_not_timm_train_py(tmp_path, name, timm_global):
+    module = types.ModuleType('__main__')
+    module.__file__ = str(tmp_path / name)
+    if timm_global:
+        module.timm = timm
+    module.ClassificationTask = 'untouched'
+    assert not hook.is_timm_train_script(module)
+    assert hook.activate(module) is None
+    assert module.ClassificationTask == 'untouched'
+
+
+def test_no_op_for_timm_st_modules():
+    import timm_st.train as ours
+    assert not hook.is_timm_train_script(ours)  # its name is train.py and it uses timm, but it is ours
+
+
+def test_without_stimulative_nothing_changes(tmp_path):
+    module = fake_train_module(tmp_path, make_args())
+    before = {n: module.__dict__[n] for n in ('ClassificationTask', 'train_one_epoch', 'validate')}
+    assert hook.install(module, module.ARGS) is None
+    assert {n: module.__dict__[n] for n in before} == before
+    task = module.main()
+    assert type(task) is timm.task.ClassificationTask
+
+
+def test_install_builds_stimulative_task(tmp_path):
+    section = {'num_subnets': 2, 'loss': 'kl', 'coef_schedule': 'cosine_up', 'recalibrate_bn': 8}
+    args = make_args(section, epochs=5)
+    module = fake_train_module(tmp_path, args)
+    state = hook.install(module, args)
+    assert state is not None and state.config == StimulativeConfig.from_dict(section)
+    criterion = torch.nn.CrossEntropyLoss()
+    task = module.ClassificationTask(model=module.MODEL, criterion=criterion, device=torch.device('cpu'),
+                                     dtype=None, verbose=False)
+    assert isinstance(task, StimulativeTask) and isinstance(task, TrainPyStimulativeTask)
+    assert task is state.task and task.model is module.MODEL and task.criterion is criterion
+    assert task.config == state.config and task.num_epochs == 5
+    assert hook.install(module, args) is state  # a second import does not wrap twice
+
+
+def test_epochs_follow_command_line_override(tmp_path):
+    # args are the parsed ones (recipe + command line): the factory reads epochs when it runs
+    args = make_args({'coef_schedule': 'cosine_down'}, epochs=300)
+    module = fake_train_module(tmp_path, args)
+    hook.install(module, args)
+    args.epochs = 3
+    task = module.ClassificationTask(model=module.MODEL, criterion=None, device=None, dtype=None, verbose=False)
+    assert task.num_epochs == 3
+
+
+def test_set_epoch_and_recalibration_once_per_epoch_before_validate(tmp_path, recorded_recalibration):
+    args = make_args({'num_subnets': 1, 'recalibrate_bn': 8}, epochs=3)
+    module = fake_train_module(tmp_path, args, activate=hook.activate)
+    recorded_recalibration.events = module.events
+    task = module.main()  # main() imports the hook (activate), as train.py's device_modules do
+    assert isinstance(task, TrainPyStimulativeTask)
+    expected = []
+    for epoch in range(3):
+        expected += [('train', epoch, epoch), ('recalibrate', 8), ('validate',), ('validate (EMA)',)]
+    assert module.events == expected
+    assert task.recalibrations == 3
+
+
+def test_no_recalibration_without_validation_or_when_off(tmp_path, recorded_recalibration):
+    args = make_args({'recalibrate_bn': 8}, epochs=4)
+    module = fake_train_module(tmp_path, args, activate=hook.activate, val_interval=2)
+    recorded_recalibration.events = module.events
+    module.main()
+    assert [e[0] for e in module.events].count('recalibrate') == 2  # epochs 1 and 3 validate
+    assert module.events.index(('recalibrate', 8)) == module.events.index(('validate',)) - 1
+
+    args = make_args({'recalibrate_bn': 0}, epochs=2)
+    module = fake_train_module(tmp_path, args, activate=hook.activate)
+    recorded_recalibration.events = module.events
+    module.main()
+    assert 'recalibrate' not in [e[0] for e in module.events]
+
+
+def test_before_validate_recalibrates_real_statistics():
+    model = tiny_model()
+    task = TrainPyStimulativeTask(model, {'recalibrate_bn': 8}, num_epochs=2, verbose=False)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    loader = [(torch.randn(4, 3, 16, 16) * 3 + 5, torch.zeros(4, dtype=torch.long)) for _ in range(4)]
+    mean = bn.running_mean.clone()
+    task.set_epoch(0)
+    assert task.before_validate(loader) == 8
+    assert not torch.equal(bn.running_mean, mean) and int(bn.num_batches_tracked) == 2
+    after = bn.running_mean.clone()
+    assert task.before_validate(loader) == 0  # once per epoch
+    assert torch.equal(bn.running_mean, after)
+    task.set_epoch(1)
+    assert task.before_validate(loader) == 8
+
+
+@pytest.mark.parametrize('section, message', [
+    ({'loss': 'nope'}, 'stimulative.loss'),
+    ({'num_subnets': -1}, 'stimulative.num_subnets'),
+    ({'typo_key': 1}, 'unknown key'),
+    ([1, 2], 'expected a mapping'),
+])
+def test_bad_section_stops_before_training(tmp_path, section, message):
+    args = make_args(section)
+    module = fake_train_module(tmp_path, args, activate=hook.activate)
+    original = module.ClassificationTask
+    with pytest.raises(StimulativeRecipeError, match=message):
+        module.main()
+    assert module.ClassificationTask is original and module.events == []
+
+
+def test_conflicting_options_are_refused(tmp_path):
+    args = make_args({'loss': 'dkd'})
+    args.mixup = 0.8
+    with pytest.raises(StimulativeRecipeError, match='class-index targets'):
+        hook.install(fake_train_module(tmp_path, args), args)
+    args = make_args({'num_subnets': 1})
+    args.kd_model_name = 'resnet50'
+    with pytest.raises(StimulativeRecipeError, match='kd_model_name'):
+        hook.install(fake_train_module(tmp_path, args), args)
+
+
+def test_model_without_adapter_fails_clearly(tmp_path):
+    args = make_args({'num_subnets': 1})
+    module = fake_train_module(tmp_path, args)
+    hook.install(module, args)
+    with pytest.raises(StimulativeRecipeError, match='timm_st'):
+        module.ClassificationTask(model=torch.nn.Linear(3, 3), criterion=None, device=None, dtype=None, verbose=False)
+
+
+def _edit(old, new):
+    assert old in FAKE_TRAIN_PY
+    return FAKE_TRAIN_PY.replace(old, new)
+
+
+@pytest.mark.parametrize('source, problem', [
+    (_edit('from timm.task import ClassificationTask', 'from timm.task import TrainingTask as ClassificationTask'),
+     'ClassificationTask'),
+    (_edit('def train_one_epoch(epoch, model, loader, optimizer, args, task=None,',
+           'def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, task=None,'), 'train_one_epoch'),
+    (_edit('amp_autocast=suppress, model_dtype=None,\n             log_suffix',
+           'model_dtype=None,\n             log_suffix'), 'validate'),
+    (_edit('def validate(', 'def evaluate(').replace('validate(model, [], None, args, amp_autocast=suppress)', 'pass')
+     .replace("validate(model, [], None, args, amp_autocast=suppress, log_suffix=' (EMA)')", 'pass'), 'validate'),
+])
+def test_unsupported_train_py_names_versions_and_patch(tmp_path, source, problem):
+    args = make_args({'num_subnets': 1})
+    module = fake_train_module(tmp_path, args, activate=hook.activate, source=source)
+    with pytest.raises(RuntimeError) as info:
+        module.main()
+    message = str(info.value)
+    assert problem in message and 'v1.0.28' in message and 'aa4b5850' in message and 'patches/' in message
+
+
+def test_args_not_found_outside_main(tmp_path):
+    module = fake_train_module(tmp_path, make_args({'num_subnets': 1}))
+    with pytest.raises(RuntimeError, match='main\\(\\).*patches/'):
+        hook.activate(module)  # a train.py importing the hook elsewhere than from main()
+
+
+def test_missing_args_option_is_unsupported(tmp_path):
+    args = make_args({'num_subnets': 1})
+    del args.epochs
+    with pytest.raises(RuntimeError, match='epochs'):
+        hook.install(fake_train_module(tmp_path, args), args)
+
+
+def _with_task_option(module):
+    module.parser.add_argument('--task', default=None)
+    return module
+
+
+def test_patched_train_py_with_task_option_is_left_alone(tmp_path):
+    args = make_args({'num_subnets': 1}, task=hook.FACTORY_PATH)
+    module = _with_task_option(fake_train_module(tmp_path, args))
+    original = module.ClassificationTask
+    assert hook.install(module, args) is None and module.ClassificationTask is original
+    # the same recipe on an unpatched train.py: `task` is an unknown key there, the hook does the work
+    module = fake_train_module(tmp_path, args)
+    assert hook.install(module, args) is not None
+    # a patched train.py told to build another task while the recipe asks for stimulative training
+    args = make_args({'num_subnets': 1}, task='timm.task:ClassificationTask')
+    with pytest.raises(StimulativeRecipeError, match='--task'):
+        hook.install(_with_task_option(fake_train_module(tmp_path, args)), args)
+
+
+def test_create_task_factory_for_patched_train_py():
+    args = make_args({'num_subnets': 2, 'loss': 'kl', 'coef_schedule': 'cosine_up'}, epochs=7)
+    task = hook.create_task(model=tiny_model(), criterion=None, device=torch.device('cpu'), dtype=None,
+                            verbose=False, args=args, num_subnets=3)  # --task-kwargs override single keys
+    assert isinstance(task, TrainPyStimulativeTask) and task.num_epochs == 7
+    assert task.config == StimulativeConfig.from_dict({'num_subnets': 3, 'loss': 'kl', 'coef_schedule': 'cosine_up'})
+    with pytest.raises(StimulativeRecipeError, match='stimulative.temperature'):
+        hook.create_task(model=tiny_model(), args=args, temperature=0)
+    # a common-training recipe: timm's ClassificationTask, as timm-st train builds
+    task = hook.create_task(model=tiny_model(), criterion=None, device=None, dtype=None, verbose=False,
+                            args=make_args())
+    assert type(task) is timm.task.ClassificationTask
+    assert isinstance(hook.create_task(model=tiny_model(), args=make_args(), num_subnets=1), TrainPyStimulativeTask)
+
+
+# --- (b) the real train.py ---------------------------------------------------------------------
+
+TRAIN_PY = os.environ.get('TIMM_TRAIN_PY')
+needs_train_py = pytest.mark.skipif(
+    not TRAIN_PY or not os.path.isfile(TRAIN_PY),
+    reason='set TIMM_TRAIN_PY to the train.py of a pytorch-image-models checkout (e.g. '
+           'TIMM_TRAIN_PY=/path/to/pytorch-image-models/train.py) to run timm\'s own script'
+           + (f' (TIMM_TRAIN_PY={TRAIN_PY!r} is not a file)' if TRAIN_PY else ' (unset)'))
+
+RECORDER = 'timm_st_test_recorder'
+# a device module that records every sampled plan and every step's loss (JSON lines in $ST_RECORD)
+RECORDER_SRC = '''
+import json
+import os
+
+from timm_st.task import StimulativeTask
+
+_sample, _forward = StimulativeTask._sample, StimulativeTask.forward
+
+
+def _write(record):
+    with open(os.environ['ST_RECORD'], 'a') as f:
+        f.write(json.dumps(record) + '\\n')
+
+
+def _recording_sample(self, input_height):
+    plan = _sample(self, input_height)
+    _write({'plan': [[list(stage) for stage in plan.blocks], plan.input_size]})
+    return plan
+
+
+def _recording_forward(self, input, target):
+    result = _forward(self, input, target)
+    _write({'loss': result['loss'].item(), 'epoch': self.epoch, 'target': target.tolist()})
+    return result
+
+
+StimulativeTask._sample = _recording_sample
+StimulativeTask.forward = _recording_forward
+'''
+
+STIMULATIVE = {'num_subnets': 2, 'input_scale': [0.5, 1.0], 'recalibrate_bn': 16}
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('timm_train_py')
+    rng = np.random.RandomState(0)
+    for split, count in (('train', 8), ('validation', 4)):
+        for label in range(3):
+            folder = root / 'data' / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.randint(0, 60, (16, 16, 3)).astype(np.uint8) + np.uint8(80 * label)
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    (root / 'plugins').mkdir()
+    (root / 'plugins' / f'{RECORDER}.py').write_text(RECORDER_SRC)
+    return root
+
+
+def recipe(path, stimulative=None, device_modules=('timm_st.hook', RECORDER), **extra):
+    """A one-epoch CPU recipe: 3 steps of 8 images, fp32, no augmentation randomness, workers 0."""
+    keys = dict(model='resnet20_cifar', num_classes=3, img_size=16, crop_pct=1.0, batch_size=8, epochs=1,
+                warmup_epochs=0, lr=0.05, workers=0, no_aug=True, no_prefetcher=True, mixup=0.0, cutmix=0.0,
+                seed=42, log_interval=1, device_modules=list(device_modules), **extra)
+    if stimulative is not None:
+        keys['stimulative'] = stimulative
+    path.write_text(yaml.safe_dump(keys))
+    return path
+
+
+class TrainPyRun:
+    """timm's train.py in a subprocess; `finish()` waits and sets rc, records, stdout and output."""
+
+    def __init__(self, script, workdir, recipe_path, name, *extra):
+        self.record = workdir / f'{name}.jsonl'
+        self.record.unlink(missing_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS='1', ST_RECORD=str(self.record),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(workdir / 'plugins'), os.environ.get('PYTHONPATH')])))
+        cmd = [sys.executable, str(script), '--config', str(recipe_path), '--data-dir', str(workdir / 'data'),
+               '--device', 'cpu', '--output', str(workdir / 'out'), '--experiment', name, *extra]
+        self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def finish(self):
+        self.stdout, stderr = self.proc.communicate(timeout=300)
+        self.rc = self.proc.returncode
+        self.output = self.stdout + stderr
+        self.records = read_records(self.record)
+        return self
+
+
+def run_train_py(*args):
+    run = TrainPyRun(*args).finish()
+    return run.rc, run.records, run.output
+
+
+def read_records(path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def plans(records):
+    return [r['plan'] for r in records if 'plan' in r]
+
+
+def losses(records):
+    return [r['loss'] for r in records if 'loss' in r]
+
+
+def result_json(output):
+    """The `--result` JSON train.py prints at the end (train and validation metrics per epoch)."""
+    return json.JSONDecoder().raw_decode(output[output.index('--result') + len('--result'):].lstrip())[0]
+
+
+@pytest.fixture(scope='module')
+def hook_run(workdir):
+    """One ST epoch through timm's unmodified train.py, the hook route."""
+    path = recipe(workdir / 'st.yaml', STIMULATIVE)
+    rc, records, output = run_train_py(TRAIN_PY, workdir, path, 'hook')
+    assert rc == 0, output[-3000:]
+    return records, output
+
+
+@needs_train_py
+def test_hook_route_trains_one_epoch(hook_run, workdir):
+    records, output = hook_run
+    assert 'timm_st.hook: stimulative training' in output and 'TrainPyStimulativeTask' in output
+    assert len(losses(records)) == 3 and len(plans(records)) == 3 * STIMULATIVE['num_subnets']
+    assert all(r['epoch'] == 0 for r in records if 'loss' in r)
+    assert output.count('Re-estimated BatchNorm statistics on 16 training images (epoch 0)') == 1
+    assert output.index('Re-estimated BatchNorm') < output.index('Test: [')
+    assert result_json(output)[0]['epoch'] == 0
+    checkpoint = torch.load(workdir / 'out' / 'hook' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert 'subnet_sampler' in checkpoint['task_state'] and checkpoint['args'].stimulative == STIMULATIVE
+
+
+@needs_train_py
+def test_without_stimulative_both_routes_are_plain_timm(workdir, patched_train_py):
+    """A CT recipe naming the hook and the task factory trains exactly as timm does with only
+    timm-st's models registered, on the unpatched and on the patched train.py."""
+    ours = recipe(workdir / 'ct.yaml', device_modules=('timm_st.hook',), task=hook.FACTORY_PATH)
+    plain = recipe(workdir / 'ct_plain.yaml', device_modules=('timm_st',))
+    runs = [TrainPyRun(TRAIN_PY, workdir, ours, 'ct_hook'), TrainPyRun(patched_train_py, workdir, ours, 'ct_patched'),
+            TrainPyRun(TRAIN_PY, workdir, plain, 'ct_plain')]
+    runs = [run.finish() for run in runs]
+    for run in runs:
+        assert run.rc == 0, run.output[-3000:]
+        assert 'timm_st.hook' not in run.output and 'StimulativeTask' not in run.output
+    assert result_json(runs[0].stdout) == result_json(runs[2].stdout) == result_json(runs[1].stdout)
+
+
+@needs_train_py
+def test_hook_route_bad_section_stops_before_training(workdir):
+    path = recipe(workdir / 'bad.yaml', {'num_subnets': 1, 'loss': 'nope'})
+    rc, records, output = run_train_py(TRAIN_PY, workdir, path, 'bad')
+    assert rc != 0 and records == []
+    assert "stimulative.loss: got 'nope'" in output and 'Train:' not in output
+
+
+@pytest.fixture(scope='module')
+def patched_train_py(workdir):
+    copy = workdir / 'timm_patched'
+    copy.mkdir()
+    shutil.copy(TRAIN_PY, copy / 'train.py')
+    proc = subprocess.run(['bash', str(APPLY), str(copy)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again = subprocess.run(['bash', str(APPLY), str(copy)], capture_output=True, text=True)
+    assert again.returncode == 0 and 'already' in again.stdout
+    return copy / 'train.py'
+
+
+def test_patch_states_its_commit():
+    header = PATCH.read_text().split('diff --git', 1)[0]
+    assert 'aa4b5850c1543fa488abf260f18390eda46cf85d' in header
+
+
+def test_apply_script_refuses_a_train_py_it_does_not_fit(tmp_path):
+    (tmp_path / 'train.py').write_text('print("not timm")\n')
+    proc = subprocess.run(['bash', str(APPLY), str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and 'does not apply cleanly' in proc.stderr
+    assert (tmp_path / 'train.py').read_text() == 'print("not timm")\n'
+    proc = subprocess.run(['bash', str(APPLY), str(tmp_path / 'missing')], capture_output=True, text=True)
+    assert proc.returncode != 0 and 'not a directory' in proc.stderr
+
+
+@needs_train_py
+def test_patched_route_trains_one_epoch(patched_train_py, workdir, hook_run):
+    # the recipe works with both routes: on the patched train.py the hook sees --task and stays out
+    path = recipe(workdir / 'st_task.yaml', STIMULATIVE, device_modules=('timm_st.hook', RECORDER),
+                  task=hook.FACTORY_PATH)
+    # --task-kwargs override single stimulative keys (recalibrate_bn only acts after the epoch's steps)
+    rc, records, output = run_train_py(patched_train_py, workdir, path, 'patched', '--task-kwargs', 'recalibrate_bn=8')
+    assert rc == 0, output[-3000:]
+    assert 'timm_st.hook: stimulative training' not in output  # no hook at work: the --task option built it
+    assert 'TrainPyStimulativeTask' in output
+    assert output.count('Re-estimated BatchNorm statistics on 8 training images (epoch 0)') == 1
+    # the same run as the hook route: same plans, same losses
+    assert plans(records) == plans(hook_run[0]) and losses(records) == losses(hook_run[0])
+
+
+@needs_train_py
+def test_same_plans_and_losses_as_timm_st_train(hook_run, workdir, monkeypatch):
+    """Parity: one epoch of the same recipe and seed through timm's train.py (hook route) and
+    through `timm-st train` draws the same sub-networks and gives the same losses (CPU, fp32)."""
+    from timm_st.task import StimulativeTask as Task
+    from timm_st.train import main
+    record = workdir / 'cli.jsonl'
+    record.unlink(missing_ok=True)
+    monkeypatch.setenv('ST_RECORD', str(record))
+    monkeypatch.syspath_prepend(str(workdir / 'plugins'))
+    monkeypatch.setattr(Task, '_sample', Task._sample)  # restored after the test (the recorder patches them)
+    monkeypatch.setattr(Task, 'forward', Task.forward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the train.py subprocess (OMP_NUM_THREADS=1)
+    try:
+        rc = main(['-c', str(workdir / 'st.yaml'), '--data-dir', str(workdir / 'data'), '--device', 'cpu',
+                   '--output', str(workdir / 'out'), '--experiment', 'cli', '--eval-subnets', '0'])
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop(RECORDER, None)
+    assert rc == 0
+    records = read_records(record)
+    train_py = hook_run[0]
+    assert len(plans(train_py)) == 6
+    assert plans(records) == plans(train_py)
+    assert [r['target'] for r in records if 'loss' in r] == [r['target'] for r in train_py if 'loss' in r]
+    assert losses(records) == losses(train_py)

@@ -1,0 +1,370 @@
+"""Run timm-st recipes with timm's own, unmodified `train.py` (the no-patch route).
+
+A recipe lists this module in timm's `device_modules` key::
+
+    device_modules: [timm_st.hook]
+    stimulative: {num_subnets: 1, ...}
+
+timm's `train.py` imports the `device_modules` at the start of `main()`, right after parsing the
+recipe and the command line. On import, this module
+
+* registers timm-st's models (importing `timm_st` does that);
+* finds `main()`'s parsed `args` (timm's `_parse_args` passes every recipe key to
+  `parser.set_defaults`, so the unknown key `stimulative` lands on `args`; command-line overrides
+  are already applied);
+* if `args.stimulative` is set: validates it now (a bad section stops the run before any work),
+  puts a factory building `StimulativeTask` in place of train.py's global `ClassificationTask`,
+  wraps `train_one_epoch` to tell the task the epoch, and wraps `validate` to re-estimate
+  BatchNorm statistics on the training loader before the first validation of an epoch when
+  `recalibrate_bn > 0`.
+
+Recipes without `stimulative:` run exactly as plain timm. Imported by anything that is not timm's
+`train.py` (e.g. `timm-st train`, which also imports `device_modules`, or `import timm_st.hook`),
+the module does nothing. A `train.py` without the structure relied on (see `SUPPORTED`) stops
+the run with a RuntimeError pointing to the patch in `patches/`.
+
+The patch route (`patches/train_task_option.patch`, a generic `--task` option for timm's
+`train.py`) uses `create_task` in this module as its task factory: `--task timm_st.hook:create_task`.
+"""
+import argparse
+import functools
+import importlib
+import inspect
+import logging
+import os
+import sys
+import types
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable, Iterator, List, Optional
+
+import torch
+import torch.nn as nn
+
+import timm_st  # noqa: F401  (registers timm-st's models with timm)
+from timm import utils as timm_utils
+from timm.task import ClassificationTask
+
+from .batchnorm import recalibrate_bn
+from .config import StimulativeConfig
+from .task import StimulativeTask
+
+__all__ = [
+    'SUPPORTED', 'StimulativeRecipeError', 'TrainPyStimulativeTask', 'HookState',
+    'create_task', 'install', 'activate', 'check_train_script', 'is_timm_train_script', 'find_main_args',
+]
+
+_logger = logging.getLogger(__name__)
+
+SUPPORTED = ("timm's train.py of releases v1.0.23 to v1.0.28 and of the main branch up to commit "
+             "aa4b5850c1543fa488abf260f18390eda46cf85d (v1.0.28-14-gaa4b5850)")
+_PATCH_HINT = ("Use a supported train.py, run the recipe with `timm-st train`, or patch your train.py with "
+               "timm-st's patches/apply.sh (patches/train_task_option.patch adds a generic --task option) and "
+               "run it with --task timm_st.hook:create_task")
+FACTORY_PATH = 'timm_st.hook:create_task'
+
+# what the hook needs of train.py: leading parameters of the two functions it wraps (and ones it reads)
+_TRAIN_ONE_EPOCH_PARAMS = ('epoch', 'model', 'loader', 'optimizer', 'args', 'task')
+_VALIDATE_PARAMS = ('model', 'loader', 'loss_fn', 'args')
+_VALIDATE_NEEDS = ('amp_autocast',)
+# names main() must look up as globals, so that replacing them takes effect
+_MAIN_GLOBALS = ('ClassificationTask', 'train_one_epoch', 'validate')
+_ARGS_NEEDED = ('epochs',)
+
+
+class StimulativeRecipeError(ValueError):
+    """The recipe's `stimulative:` section (or its combination with other options) cannot run."""
+
+
+class TrainPyStimulativeTask(StimulativeTask):
+    """`StimulativeTask` plus the two optional callbacks timm's train.py drives: `set_epoch(epoch)`
+    at the start of each epoch and `before_validate(train_loader, amp_autocast)` before the first
+    validation of an epoch (re-estimates BatchNorm statistics when `recalibrate_bn > 0`; once per
+    epoch, however often it is called)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._recalibration_due = True
+        self.recalibrations = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._recalibration_due = True
+
+    def _images(self, loader: Iterable) -> Iterator[torch.Tensor]:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            yield x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else None)
+
+    def before_validate(self, train_loader: Iterable, amp_autocast: Callable = nullcontext) -> int:
+        """Re-estimate BN statistics on `recalibrate_bn` training images (reduced across ranks);
+        returns the number of images used (0 when off or already done this epoch)."""
+        if not self._recalibration_due:
+            return 0
+        self._recalibration_due = False
+        num_images = self.config.recalibrate_bn
+        if num_images <= 0:
+            return 0
+        seen = recalibrate_bn(self.model, self._images(train_loader), num_images, autocast=amp_autocast)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world_size = torch.distributed.get_world_size()
+            if world_size > 1:
+                timm_utils.distribute_bn(self.model, world_size, True)
+        self.recalibrations += 1
+        if self.verbose:
+            _logger.info(f'Re-estimated BatchNorm statistics on {seen} training images (epoch {self.epoch})')
+        return seen
+
+
+def _section(args: Any, task_kwargs: Optional[dict] = None) -> Optional[dict]:
+    section = getattr(args, 'stimulative', None) if args is not None else None
+    if section is not None and not isinstance(section, dict):
+        raise StimulativeRecipeError(
+            f'timm_st: recipe key stimulative: expected a mapping of stimulative-training settings, got {section!r}')
+    if task_kwargs:
+        section = {**(section or {}), **task_kwargs}
+    return section
+
+
+def _config(section: Optional[dict], args: Any = None) -> StimulativeConfig:
+    """Validate a `stimulative:` section and its fit with the rest of the run's options."""
+    try:
+        config = StimulativeConfig.from_dict(section)
+    except ValueError as e:
+        raise StimulativeRecipeError(f'timm_st: invalid recipe section: {e}') from None
+    if args is not None:
+        if getattr(args, 'kd_model_name', None) is not None:
+            raise StimulativeRecipeError(
+                'timm_st: the recipe has a stimulative: section and kd_model_name is set; train.py would build a '
+                'distillation task and ignore stimulative training. Remove one of them.')
+        mixup_active = (getattr(args, 'mixup', 0) or 0) > 0 or (getattr(args, 'cutmix', 0) or 0) > 0 or (
+            getattr(args, 'cutmix_minmax', None) is not None)
+        if config.subnet_loss.hard_labels and mixup_active:
+            raise StimulativeRecipeError(
+                f'timm_st: stimulative.loss: {config.loss!r} needs class-index targets, but mixup/cutmix make soft '
+                f'targets; disable mixup/cutmix or choose another loss')
+    return config
+
+
+def _build(model, config, criterion, device, dtype, verbose, num_epochs) -> TrainPyStimulativeTask:
+    try:
+        return TrainPyStimulativeTask(
+            model, config, criterion=criterion, num_epochs=num_epochs, device=device, dtype=dtype, verbose=verbose)
+    except ValueError as e:  # a model without sub-network adapter, a space that does not fit it
+        raise StimulativeRecipeError(f'timm_st: {e}') from None
+
+
+def create_task(
+        model: nn.Module,
+        criterion: Optional[Callable] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        verbose: bool = True,
+        args: Optional[argparse.Namespace] = None,
+        **task_kwargs,
+):
+    """Task factory for timm's train.py with the `--task` option (patches/): `--task timm_st.hook:create_task`.
+
+    As `timm-st train`: the stimulative task when the recipe has a `stimulative:` section
+    (`args.stimulative`) or `--task-kwargs` are given (stimulative keys, e.g. `num_subnets=2`,
+    overriding single keys of the section; the coefficient schedules use `args.epochs`), and
+    timm's `ClassificationTask` otherwise, so common-training recipes can name it too.
+    """
+    section = _section(args, task_kwargs)
+    if section is None:
+        return ClassificationTask(model=model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
+    config = _config(section, args)
+    return _build(model, config, criterion, device, dtype, verbose, getattr(args, 'epochs', None))
+
+
+# --- recognising train.py and its structure -------------------------------------------------
+
+def _from_timm(value: Any) -> bool:
+    name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, '__module__', None)
+    return isinstance(name, str) and name.split('.')[0] == 'timm'
+
+
+def is_timm_train_script(module: Optional[types.ModuleType]) -> bool:
+    """Whether `module` (normally `sys.modules['__main__']`) is a timm `train.py`: a script named
+    train.py that uses timm (and is not one of timm-st's own modules)."""
+    if module is None:
+        return False
+    path = getattr(module, '__file__', None)
+    if not isinstance(path, str) or os.path.basename(path) != 'train.py':
+        return False
+    spec = getattr(module, '__spec__', None)
+    if spec is not None and (spec.name or '').split('.')[0] == 'timm_st':
+        return False
+    return any(_from_timm(v) for v in list(vars(module).values()))
+
+
+def _params(fn: Any) -> Optional[List[str]]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _structure_problems(module: types.ModuleType) -> List[str]:
+    problems = []
+    cls = getattr(module, 'ClassificationTask', None)
+    if not (isinstance(cls, type) and issubclass(cls, ClassificationTask)):
+        problems.append(f"no global ClassificationTask from timm.task (found {cls!r})")
+    for name, leading, needed in (('train_one_epoch', _TRAIN_ONE_EPOCH_PARAMS, ()),
+                                  ('validate', _VALIDATE_PARAMS, _VALIDATE_NEEDS)):
+        params = _params(getattr(module, name, None)) if callable(getattr(module, name, None)) else None
+        if params is None:
+            problems.append(f'no function {name}()')
+        elif tuple(params[:len(leading)]) != leading or any(p not in params for p in needed):
+            problems.append(f'{name}({", ".join(params)}) does not start with ({", ".join(leading)})'
+                            + (f' or lacks {", ".join(needed)}' if needed else ''))
+    main = getattr(module, 'main', None)
+    code = getattr(main, '__code__', None)
+    if code is None:
+        problems.append('no function main()')
+    else:
+        missing = [n for n in _MAIN_GLOBALS if n not in code.co_names]
+        if missing:
+            problems.append(f'main() does not use the global(s) {missing}')
+    return problems
+
+
+def check_train_script(module: types.ModuleType, args: Any = None) -> None:
+    """Raise RuntimeError when `module` lacks what the hook relies on (or `args` lacks options it reads)."""
+    problems = _structure_problems(module)
+    if args is not None:
+        missing = [n for n in _ARGS_NEEDED if not hasattr(args, n)]
+        if missing:
+            problems.append(f'its parsed args have no {missing}')
+    if problems:
+        path = getattr(module, '__file__', '?')
+        raise RuntimeError(
+            f'timm_st.hook: {path} does not have the structure the hook relies on ({"; ".join(problems)}). '
+            f'The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+
+
+def _has_task_option(module: types.ModuleType) -> bool:
+    """Whether train.py has the generic `--task` option (patches/train_task_option.patch or upstream)."""
+    parser = getattr(module, 'parser', None)
+    return isinstance(parser, argparse.ArgumentParser) and '--task' in getattr(parser, '_option_string_actions', {})
+
+
+def _resolve(path: str) -> Any:
+    module_name, sep, attr = path.partition(':')
+    if not sep:
+        return None
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split('.'):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj
+
+
+def find_main_args(module: types.ModuleType) -> argparse.Namespace:
+    """The `args` local of `module.main()`, found among the frames that are importing this module."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            if frame.f_globals is vars(module) and frame.f_code.co_name == 'main':
+                args = frame.f_locals.get('args')
+                if isinstance(args, argparse.Namespace):
+                    return args
+            frame = frame.f_back
+    finally:
+        del frame
+    raise RuntimeError(
+        f'timm_st.hook: imported by {getattr(module, "__file__", "?")} but not from its main() with parsed `args` '
+        f'in scope (timm\'s train.py imports device_modules right after parsing them). The hook supports '
+        f'{SUPPORTED}. {_PATCH_HINT}.')
+
+
+# --- installation ---------------------------------------------------------------------------
+
+class HookState:
+    """What `install` put in place: the config, the task once built, the training loader last seen."""
+
+    def __init__(self, args: argparse.Namespace, config: StimulativeConfig):
+        self.args = args
+        self.config = config
+        self.task: Optional[TrainPyStimulativeTask] = None
+        self.train_loader: Optional[Iterable] = None
+        self.originals = {}
+
+
+def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional[HookState]:
+    """Put stimulative training in place in a timm train.py module namespace, from its parsed `args`.
+
+    Returns None (and changes nothing) when `args` has no `stimulative` section, or when the script
+    has the generic `--task` option and `args.task` selects this module's factory. Raises
+    StimulativeRecipeError for a bad section and RuntimeError for an unsupported train.py.
+    """
+    existing = getattr(main_module.__dict__.get('ClassificationTask'), '_timm_st_state', None)
+    if existing is not None:
+        return existing
+    section = _section(args)
+    if section is None:
+        return None
+    task_path = getattr(args, 'task', None)
+    if task_path and _has_task_option(main_module):
+        if _resolve(task_path) is not create_task:
+            raise StimulativeRecipeError(
+                f'timm_st: the recipe has a stimulative: section but --task {task_path!r} selects another task; '
+                f'use --task {FACTORY_PATH} (or remove the stimulative: section)')
+        return None  # the patched train.py builds the task and calls its callbacks itself
+    check_train_script(main_module, args)
+    config = _config(section, args)
+    state = HookState(args, config)
+    ns = vars(main_module)
+
+    def task_factory(model, criterion=None, device=None, dtype=None, verbose=True):
+        """Stands in for ClassificationTask in train.py: builds the stimulative task instead."""
+        state.task = _build(model, config, criterion, device, dtype, verbose, args.epochs)
+        return state.task
+
+    task_factory._timm_st_state = state
+
+    original_train = ns['train_one_epoch']
+    train_sig = inspect.signature(original_train)
+
+    @functools.wraps(original_train)
+    def train_one_epoch(*a, **kw):
+        bound = train_sig.bind(*a, **kw).arguments
+        task = bound.get('task')
+        if hasattr(task, 'set_epoch'):
+            task.set_epoch(bound['epoch'])
+        state.train_loader = bound['loader']
+        return original_train(*a, **kw)
+
+    original_validate = ns['validate']
+    validate_sig = inspect.signature(original_validate)
+
+    @functools.wraps(original_validate)
+    def validate(*a, **kw):
+        task = state.task
+        if task is not None and state.train_loader is not None:
+            bound = validate_sig.bind(*a, **kw)
+            bound.apply_defaults()
+            task.before_validate(state.train_loader, amp_autocast=bound.arguments['amp_autocast'])
+        return original_validate(*a, **kw)
+
+    state.originals = {n: ns[n] for n in _MAIN_GLOBALS}
+    ns['ClassificationTask'] = task_factory
+    ns['train_one_epoch'] = train_one_epoch
+    ns['validate'] = validate
+    if os.environ.get('RANK', '0') == '0':
+        _logger.info(f'timm_st.hook: stimulative training in {getattr(main_module, "__file__", "train.py")} '
+                     f'({config.num_subnets} sub-network(s) per step, loss {config.loss}, '
+                     f'recalibrate_bn {config.recalibrate_bn})')
+    return state
+
+
+def activate(main_module: Optional[types.ModuleType] = None) -> Optional[HookState]:
+    """What importing this module does: install into `__main__` when it is timm's train.py."""
+    main_module = sys.modules.get('__main__') if main_module is None else main_module
+    if not is_timm_train_script(main_module):
+        return None
+    return install(main_module, find_main_args(main_module))
+
+
+STATE = activate()
