@@ -179,3 +179,15 @@ def test_unreadable_dataset(tmp_path, capsys):
     assert code == 2
     assert 'cannot read dataset' in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('recipe,message', [
+    ({'task': 'mypkg:MyTask'}, "recipe key task: 'mypkg:MyTask'; timm-st train builds its own task"),
+    ({'task_kwargs': {'num_subnets': 2}}, 'recipe key task_kwargs'),
+])
+def test_task_keys_of_patched_train_py(tmp_path, image_folder, capsys, recipe, message):
+    import yaml
+    path = tmp_path / 'r.yaml'
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(['-c', str(path)] + BASE + ['--data-dir', str(image_folder), '--output', str(tmp_path / 'o')]) == 2
+    assert message in capsys.readouterr().err

@@ -22,6 +22,8 @@ class RecipeError(ValueError):
 
 # keys of ours, not timm's: a recipe mapping, and the number of sub-networks evaluated at the end
 EXTRA_KEYS = ('stimulative', 'eval_subnets')
+# the task factory a recipe names for timm's train.py with patches/ applied; timm-st train builds that task itself
+TASK_FACTORY = 'timm_st.hook:create_task'
 
 _FLAG = dict(action='store_true')
 
@@ -243,6 +245,17 @@ def _type_name(expected) -> str:
     return {float: 'a number', int: 'an integer'}.get(expected, 'a string')
 
 
+def _check_task_keys(recipe: Dict[str, Any]) -> None:
+    """`task`/`task_kwargs` are for timm's patched train.py; here only the task they would build is allowed."""
+    task = recipe.pop('task', TASK_FACTORY)
+    if task != TASK_FACTORY:
+        raise RecipeError(f'recipe key task: {task!r}; timm-st train builds its own task (allowed: {TASK_FACTORY!r})')
+    task_kwargs = recipe.pop('task_kwargs', None)
+    if task_kwargs:
+        raise RecipeError(f'recipe key task_kwargs: {task_kwargs!r}; timm-st train takes ST settings from the '
+                          f'stimulative: section only')
+
+
 def _parse(parse, argv):
     """argparse exits on a bad command line; turn that into a RecipeError (its message is printed)."""
     try:
@@ -259,6 +272,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     pre, _ = _parse(parser.parse_known_args, argv)
     recipe = load_recipe(pre.config) if pre.config else {}
     options = dict(_OPTIONS)
+    _check_task_keys(recipe)
     unknown = sorted(k for k in recipe if k not in options and k != 'stimulative')
     if unknown:
         raise RecipeError(
