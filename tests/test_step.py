@@ -171,7 +171,7 @@ def test_bn_freeze_leaves_running_stats_as_main_pass_only(resnet, momentum):
     x, y = batch()
     st = StimulativeTask(resnet, {'num_subnets': 3, 'input_scale': [0.5, 1.0]}, verbose=False)
     st(x, y)['loss'].backward()
-    ct = ClassificationTask(ct_model, verbose=False)
+    ct = ClassificationTask(ct_model, torch.nn.CrossEntropyLoss(), verbose=False)
     ct(x, y)['loss'].backward()
     st_stats, ct_stats = _running_stats(resnet), _running_stats(ct_model)
     for name in ct_stats:
@@ -184,7 +184,7 @@ def test_bn_update_changes_running_stats(resnet):
     x, y = batch()
     st = StimulativeTask(resnet, {'num_subnets': 2, 'bn': 'update'}, verbose=False)
     st(x, y)['loss'].backward()
-    ClassificationTask(ct_model, verbose=False)(x, y)['loss'].backward()
+    ClassificationTask(ct_model, torch.nn.CrossEntropyLoss(), verbose=False)(x, y)['loss'].backward()
     assert not torch.equal(resnet.bn1.running_mean, ct_model.bn1.running_mean)
     assert resnet.bn1.num_batches_tracked.item() == 3
 
@@ -204,7 +204,7 @@ def test_common_training_equals_classification_task(resnet, config, epoch):
     st.set_epoch(epoch)
     st_loss = st(x, y)['loss']
     st_loss.backward()
-    ct_loss = ClassificationTask(ct_model, verbose=False)(x, y)['loss']
+    ct_loss = ClassificationTask(ct_model, torch.nn.CrossEntropyLoss(), verbose=False)(x, y)['loss']
     ct_loss.backward()
     assert len(calls) == 1 and st.subnet_loss is None
     assert torch.equal(st_loss, ct_loss)

@@ -602,7 +602,8 @@ def _write_export(run: TrainingRun, folder: Path, repo_id: Optional[str], model_
     # the architecture's default pretrained_cfg describes someone else's weights (tag, paper, license)
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _FOREIGN_CFG_KEYS}
     model.pretrained_cfg['license'] = license
-    save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    model.pretrained_cfg.update(data_config)  # save_for_hf writes pretrained_cfg (its data_config arg is timm>=1.0.31)
+    save_for_hf(model, folder, model_config=model_config, safe_serialization=True)
     dataset_text, hub_dataset = _dataset(run, dataset_id)
     recipe_text = _recipe_yaml(run)
     name = model_name or (repo_id.split('/')[-1] if repo_id else

@@ -271,7 +271,7 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
         train_interpolation = data_config['interpolation']
     common = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
                   distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-                  use_prefetcher=args.prefetcher)
+                  use_prefetcher=args.prefetcher, persistent_workers=args.workers > 0)
     loader_train = create_loader(
         dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
