@@ -1,8 +1,10 @@
 import copy
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from timm_st import SubnetPlan
 
@@ -49,3 +51,21 @@ def assert_grads_close(got, ref, rel=1e-6):
 
 PLANS = [SubnetPlan.prefix((1, 2, 1, 1), input_size=24), SubnetPlan.prefix((2, 1, 2, 1)),
          SubnetPlan.from_masks([[1, 1], [1, 0], [1, 1], [1, 0]], input_size=20)]
+
+
+def write_image_folder(root):
+    """A tiny 3-class image folder (train: 8, validation: 4 images per class, 16x16)."""
+    rng = np.random.RandomState(0)
+    for split, count in (('train', 8), ('validation', 4)):
+        for label in range(3):
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.randint(0, 60, (16, 16, 3)).astype(np.uint8) + np.uint8(80 * label)
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp('images'))

@@ -24,6 +24,7 @@ import pytest
 import timm
 import torch
 
+from conftest import FixedSampler
 from timm_st import StimulativeTask, SubnetPlan
 
 WORLD = 2
@@ -33,19 +34,6 @@ COLLECTIVE_TIMEOUT_S = 45
 
 
 # --- shared between the workers and the pytest process -----------------------------------------
-
-class FixedSampler:
-    """Returns the given plans in order, cycling."""
-
-    def __init__(self, plans):
-        self.plans = list(plans)
-        self.calls = 0
-
-    def sample(self):
-        plan = self.plans[self.calls % len(self.plans)]
-        self.calls += 1
-        return plan
-
 
 def make_model():
     torch.manual_seed(0)

@@ -13,15 +13,14 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import yaml
-from PIL import Image
 
 import timm_st.hook as hook
 from timm_st import StimulativeConfig, StimulativeTask
+from conftest import write_image_folder
 from timm_st.hook import StimulativeRecipeError, TrainPyStimulativeTask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,14 +362,7 @@ STIMULATIVE = {'num_subnets': 2, 'input_scale': [0.5, 1.0], 'recalibrate_bn': 16
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp('timm_train_py')
-    rng = np.random.RandomState(0)
-    for split, count in (('train', 8), ('validation', 4)):
-        for label in range(3):
-            folder = root / 'data' / split / f'class{label}'
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.randint(0, 60, (16, 16, 3)).astype(np.uint8) + np.uint8(80 * label)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
+    write_image_folder(root / 'data')
     (root / 'plugins').mkdir()
     (root / 'plugins' / f'{RECORDER}.py').write_text(RECORDER_SRC)
     return root

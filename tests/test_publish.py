@@ -9,11 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 import huggingface_hub
@@ -27,20 +25,6 @@ REPO = 'org/resnet18.st_test'
 COMMON = ['--img-size', '16', '--crop-pct', '1.0', '--batch-size', '8', '--warmup-epochs', '0', '--lr', '0.05',
           '--workers', '0', '--device', 'cpu', '--hflip', '0', '--color-jitter', '0', '--no-prefetcher',
           '--log-interval', '100']
-
-
-@pytest.fixture(scope='module')
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp('images')
-    rng = np.random.RandomState(0)
-    for split, count in (('train', 8), ('validation', 4)):
-        for label in range(3):
-            folder = root / split / f'class{label}'
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.randint(0, 60, (16, 16, 3)).astype(np.uint8) + np.uint8(80 * label)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
 
 
 @pytest.fixture(scope='module')

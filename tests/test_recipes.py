@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import timm
-import yaml
 
 from timm_st import StimulativeTask
 from timm_st.recipe import load_recipe, parse_args

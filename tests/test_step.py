@@ -3,7 +3,6 @@ import math
 import weakref
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from timm.task import ClassificationTask, resume_task_checkpoint

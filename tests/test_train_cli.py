@@ -6,10 +6,8 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from timm_st.train import main
 
@@ -18,20 +16,6 @@ BASE = [
     '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.05', '--workers', '0', '--device', 'cpu',
     '--hflip', '0', '--color-jitter', '0', '--no-prefetcher', '--eval-subnets', '3', '--log-interval', '100',
 ]
-
-
-@pytest.fixture(scope='module')
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp('images')
-    rng = np.random.RandomState(0)
-    for split, count in (('train', 8), ('validation', 4)):
-        for label in range(3):
-            folder = root / split / f'class{label}'
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.randint(0, 60, (16, 16, 3)).astype(np.uint8) + np.uint8(80 * label)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
 
 
 def write_recipe(path, stimulative=None, **keys):

@@ -573,8 +573,8 @@ def _reproduce_section(run: TrainingRun, repo_id: Optional[str]) -> str:
     if a.get('resume'):
         text += '\nThis run was resumed from a checkpoint of an earlier run with the same recipe.\n'
     if world > 1:
-        text += (f'\nThe learning rate in `recipe.yaml` (`lr`) is the value resolved for the run\'s global batch; '
-                 f'on a different number of devices, remove `lr` to rescale it from `lr_base`.\n')
+        text += ('\nThe learning rate in `recipe.yaml` (`lr`) is the value resolved for the run\'s global batch; '
+                 'on a different number of devices, remove `lr` to rescale it from `lr_base`.\n')
     return text
 
 

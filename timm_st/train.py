@@ -10,7 +10,6 @@ time and throughput; `results.json` with full-network and sub-network accuracy).
 import inspect
 import json
 import logging
-import math
 import os
 import sys
 import time
