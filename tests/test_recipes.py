@@ -21,6 +21,7 @@ PAIRS = [
     ('st_resnet56_cifar100', 'ct_resnet56_cifar100', {'stimulative'}),
     ('st_resnet110_cifar100', 'ct_resnet110_cifar100', {'stimulative'}),
     ('demo_digits', 'demo_digits_ct', {'stimulative'}),
+    ('demo_digits_bn_update', 'demo_digits', {'stimulative'}),
 ]
 
 
