@@ -360,3 +360,23 @@ def test_compiled_main_path_matches_eager_without_recompiling(resnet):
     assert counters['stats']['unique_graphs'] == frames, 'sub-network passes caused recompilation'
     assert_grads_close(grads(resnet), grads(ref_model), rel=1e-5)
     assert task.get_eval_model() is task.eval_model
+
+
+def test_fp16_autocast_with_timm_native_scaler(resnet):
+    """fp16 through timm's NativeScaler untouched: the sub-network gradients carry the loss scale."""
+    from timm.utils import NativeScaler
+    config = {'num_subnets': 2}
+    ref_model = clone(resnet)
+    batches = [batch()]
+    task = StimulativeTask(resnet, config, sampler=FixedSampler(PLANS), verbose=False)
+    scaler = NativeScaler(device='cpu')
+    scaler._scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)  # 2**16 overflows this tiny fp16 model
+    optimizer = torch.optim.SGD(resnet.parameters(), lr=0.1)
+    with torch.autocast('cpu', dtype=torch.float16):
+        loss = task(*batches[0])['loss']
+    scaler(loss, optimizer, need_update=False)  # the loop's backward on an accumulation micro-step
+    scale = scaler._scaler.get_scale()
+    assert scale == 1024.0
+    with torch.autocast('cpu', dtype=torch.float16):  # the summed loss in the same precision, same scale
+        reference_step(ref_model, config, PLANS, batches, scale=scale)
+    assert_grads_close(grads(resnet), grads(ref_model), rel=2e-3)
