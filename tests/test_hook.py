@@ -19,9 +19,10 @@ import torch
 import yaml
 
 import timm_st.hook as hook
+import timm_st.task
 from timm_st import StimulativeConfig, StimulativeTask
 from conftest import write_image_folder
-from timm_st.hook import StimulativeRecipeError, TrainPyStimulativeTask
+from timm_st.hook import StimulativeRecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = REPO / 'patches' / 'train_task_option.patch'
@@ -105,7 +106,7 @@ def recorded_recalibration(monkeypatch):
         recorder.events.append(('recalibrate', num_images))
         return num_images
 
-    monkeypatch.setattr(hook, 'recalibrate_bn', fake_recalibrate)
+    monkeypatch.setattr(timm_st.task, 'recalibrate_bn', fake_recalibrate)
     return recorder
 
 
@@ -150,7 +151,7 @@ def test_install_builds_stimulative_task(tmp_path):
     criterion = torch.nn.CrossEntropyLoss()
     task = module.ClassificationTask(model=module.MODEL, criterion=criterion, device=torch.device('cpu'),
                                      dtype=None, verbose=False)
-    assert isinstance(task, StimulativeTask) and isinstance(task, TrainPyStimulativeTask)
+    assert isinstance(task, StimulativeTask)
     assert task is state.task and task.model is module.MODEL and task.criterion is criterion
     assert task.config == state.config and task.num_epochs == 5
     assert hook.install(module, args) is state  # a second import does not wrap twice
@@ -171,12 +172,12 @@ def test_set_epoch_and_recalibration_once_per_epoch_before_validate(tmp_path, re
     module = fake_train_module(tmp_path, args, activate=hook.activate)
     recorded_recalibration.events = module.events
     task = module.main()  # main() imports the hook (activate), as train.py's device_modules do
-    assert isinstance(task, TrainPyStimulativeTask)
+    assert isinstance(task, StimulativeTask)
     expected = []
     for epoch in range(3):
         expected += [('train', epoch, epoch), ('recalibrate', 8), ('validate',), ('validate (EMA)',)]
     assert module.events == expected
-    assert task.recalibrations == 3
+    assert [e[0] for e in module.events].count('recalibrate') == 3
 
 
 def test_no_recalibration_without_validation_or_when_off(tmp_path, recorded_recalibration):
@@ -196,7 +197,7 @@ def test_no_recalibration_without_validation_or_when_off(tmp_path, recorded_reca
 
 def test_before_validate_recalibrates_real_statistics():
     model = tiny_model()
-    task = TrainPyStimulativeTask(model, {'recalibrate_bn': 8}, num_epochs=2, verbose=False)
+    task = StimulativeTask(model, {'recalibrate_bn': 8}, num_epochs=2, verbose=False)
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     loader = [(torch.randn(4, 3, 16, 16) * 3 + 5, torch.zeros(4, dtype=torch.long)) for _ in range(4)]
     mean = bn.running_mean.clone()
@@ -304,7 +305,7 @@ def test_create_task_factory_for_patched_train_py():
     args = make_args({'num_subnets': 2, 'loss': 'kl', 'coef_schedule': 'cosine_up'}, epochs=7)
     task = hook.create_task(model=tiny_model(), criterion=None, device=torch.device('cpu'), dtype=None,
                             verbose=False, args=args, num_subnets=3)  # --task-kwargs override single keys
-    assert isinstance(task, TrainPyStimulativeTask) and task.num_epochs == 7
+    assert isinstance(task, StimulativeTask) and task.num_epochs == 7
     assert task.config == StimulativeConfig.from_dict({'num_subnets': 3, 'loss': 'kl', 'coef_schedule': 'cosine_up'})
     with pytest.raises(StimulativeRecipeError, match='stimulative.temperature'):
         hook.create_task(model=tiny_model(), args=args, temperature=0)
@@ -312,7 +313,7 @@ def test_create_task_factory_for_patched_train_py():
     task = hook.create_task(model=tiny_model(), criterion=None, device=None, dtype=None, verbose=False,
                             args=make_args())
     assert type(task) is timm.task.ClassificationTask
-    assert isinstance(hook.create_task(model=tiny_model(), args=make_args(), num_subnets=1), TrainPyStimulativeTask)
+    assert isinstance(hook.create_task(model=tiny_model(), args=make_args(), num_subnets=1), StimulativeTask)
 
 
 # --- (b) the real train.py ---------------------------------------------------------------------
@@ -436,7 +437,7 @@ def hook_run(workdir):
 @needs_train_py
 def test_hook_route_trains_one_epoch(hook_run, workdir):
     records, output = hook_run
-    assert 'timm_st.hook: stimulative training' in output and 'TrainPyStimulativeTask' in output
+    assert 'timm_st.hook: stimulative training' in output and 'StimulativeTask' in output
     assert len(losses(records)) == 3 and len(plans(records)) == 3 * STIMULATIVE['num_subnets']
     assert all(r['epoch'] == 0 for r in records if 'loss' in r)
     assert output.count('Re-estimated BatchNorm statistics on 16 training images (epoch 0)') == 1
@@ -504,7 +505,7 @@ def test_patched_route_trains_one_epoch(patched_train_py, workdir, hook_run):
     rc, records, output = run_train_py(patched_train_py, workdir, path, 'patched', '--task-kwargs', 'recalibrate_bn=8')
     assert rc == 0, output[-3000:]
     assert 'timm_st.hook: stimulative training' not in output  # no hook at work: the --task option built it
-    assert 'TrainPyStimulativeTask' in output
+    assert 'StimulativeTask' in output
     assert output.count('Re-estimated BatchNorm statistics on 8 training images (epoch 0)') == 1
     # the same run as the hook route: same plans, same losses
     assert plans(records) == plans(hook_run[0]) and losses(records) == losses(hook_run[0])

@@ -38,7 +38,8 @@ def summary_rows(out):
 
 @pytest.mark.parametrize('method', ['ct', 'st'])
 def test_two_epochs_write_outputs(tmp_path, image_folder, method):
-    recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 2, 'input_scale': [0.5, 1.0]} if method == 'st' else None)
+    recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 2, 'input_scale': [0.5, 1.0], 'recalibrate_bn': 8}
+                          if method == 'st' else None)
     run(['-c', recipe, '--data-dir', image_folder, '--output', tmp_path, '--experiment', 'run'] + BASE)
     out = tmp_path / 'run'
     rows = summary_rows(out)

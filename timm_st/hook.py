@@ -34,22 +34,19 @@ import logging
 import os
 import sys
 import types
-from contextlib import nullcontext
-from typing import Any, Callable, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 
 import timm_st  # noqa: F401  (registers timm-st's models with timm)
-from timm import utils as timm_utils
 from timm.task import ClassificationTask
 
-from .batchnorm import recalibrate_bn
 from .config import StimulativeConfig
 from .task import StimulativeTask
 
 __all__ = [
-    'SUPPORTED', 'StimulativeRecipeError', 'TrainPyStimulativeTask', 'HookState',
+    'SUPPORTED', 'StimulativeRecipeError', 'HookState',
     'create_task', 'install', 'activate', 'check_train_script', 'is_timm_train_script', 'find_main_args',
 ]
 
@@ -73,46 +70,6 @@ _ARGS_NEEDED = ('epochs',)
 
 class StimulativeRecipeError(ValueError):
     """The recipe's `stimulative:` section (or its combination with other options) cannot run."""
-
-
-class TrainPyStimulativeTask(StimulativeTask):
-    """`StimulativeTask` plus the two optional callbacks timm's train.py drives: `set_epoch(epoch)`
-    at the start of each epoch and `before_validate(train_loader, amp_autocast)` before the first
-    validation of an epoch (re-estimates BatchNorm statistics when `recalibrate_bn > 0`; once per
-    epoch, however often it is called)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._recalibration_due = True
-        self.recalibrations = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self._recalibration_due = True
-
-    def _images(self, loader: Iterable) -> Iterator[torch.Tensor]:
-        for batch in loader:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            yield x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else None)
-
-    def before_validate(self, train_loader: Iterable, amp_autocast: Callable = nullcontext) -> int:
-        """Re-estimate BN statistics on `recalibrate_bn` training images (reduced across ranks);
-        returns the number of images used (0 when off or already done this epoch)."""
-        if not self._recalibration_due:
-            return 0
-        self._recalibration_due = False
-        num_images = self.config.recalibrate_bn
-        if num_images <= 0:
-            return 0
-        seen = recalibrate_bn(self.model, self._images(train_loader), num_images, autocast=amp_autocast)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world_size = torch.distributed.get_world_size()
-            if world_size > 1:
-                timm_utils.distribute_bn(self.model, world_size, True)
-        self.recalibrations += 1
-        if self.verbose:
-            _logger.info(f'Re-estimated BatchNorm statistics on {seen} training images (epoch {self.epoch})')
-        return seen
 
 
 def _section(args: Any, task_kwargs: Optional[dict] = None) -> Optional[dict]:
@@ -145,9 +102,9 @@ def _config(section: Optional[dict], args: Any = None) -> StimulativeConfig:
     return config
 
 
-def _build(model, config, criterion, device, dtype, verbose, num_epochs) -> TrainPyStimulativeTask:
+def _build(model, config, criterion, device, dtype, verbose, num_epochs) -> StimulativeTask:
     try:
-        return TrainPyStimulativeTask(
+        return StimulativeTask(
             model, config, criterion=criterion, num_epochs=num_epochs, device=device, dtype=dtype, verbose=verbose)
     except ValueError as e:  # a model without sub-network adapter, a space that does not fit it
         raise StimulativeRecipeError(f'timm_st: {e}') from None
@@ -287,7 +244,7 @@ class HookState:
     def __init__(self, args: argparse.Namespace, config: StimulativeConfig):
         self.args = args
         self.config = config
-        self.task: Optional[TrainPyStimulativeTask] = None
+        self.task: Optional[StimulativeTask] = None
         self.train_loader: Optional[Iterable] = None
         self.originals = {}
 

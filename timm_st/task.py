@@ -18,16 +18,17 @@ sub-network runs through it, so DDP's single reduction covers every accumulated 
 import inspect
 import logging
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from timm.task import TrainingTask
+from timm.utils import distribute_bn
 
 from .adapters import subnet_stages, use_subnet, stage_depths
-from .batchnorm import frozen_running_stats
+from .batchnorm import frozen_running_stats, recalibrate_bn
 from .config import StimulativeConfig
 from .losses import normalize_logits
 from .plan import SubnetPlan
@@ -142,6 +143,7 @@ class StimulativeTask(TrainingTask):
         self.criterion = criterion.to(self.device) if isinstance(criterion, nn.Module) else criterion
         self.epoch = 0
         self.subnet_loss: Optional[torch.Tensor] = None
+        self._recalibration_due = True
 
         self.stages = None
         self.sampler = sampler
@@ -170,6 +172,23 @@ class StimulativeTask(TrainingTask):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self._recalibration_due = True
+
+    def before_validate(self, train_loader: Iterable, amp_autocast: Callable = nullcontext) -> int:
+        """Re-estimate the full network's BN statistics on `recalibrate_bn` training images, once per
+        epoch (reduced across ranks when distributed); returns the images used (0 when off or done)."""
+        num_images = self.config.recalibrate_bn if self._recalibration_due else 0
+        self._recalibration_due = False
+        if num_images <= 0:
+            return 0
+        images = (batch[0] if isinstance(batch, (tuple, list)) else batch for batch in train_loader)
+        seen = recalibrate_bn(self.model, (x.to(self.device) for x in images), num_images, autocast=amp_autocast)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                distribute_bn(self.model, torch.distributed.get_world_size(), True)
+        if self.verbose:
+            _logger.info(f'Re-estimated BatchNorm statistics on {seen} training images (epoch {self.epoch})')
+        return seen
 
     def current_coef(self) -> float:
         return self.config.coef_at(self.epoch, self.num_epochs)

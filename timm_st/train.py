@@ -32,7 +32,6 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, resume_task_checkpoint
 
 from .adapters import subnet_stages
-from .batchnorm import recalibrate_bn
 from .config import StimulativeConfig
 from .digits import materialize_digits
 from .evaluation import evaluate_subnets, sample_eval_plans, validate
@@ -328,10 +327,8 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, metric=None)
             continue
-        if config is not None and config.recalibrate_bn > 0:
-            recalibrate_bn(task.model, loader_train, config.recalibrate_bn, autocast=amp_autocast)
-            if args.distributed:
-                utils.distribute_bn(task.model, args.world_size, True)
+        if isinstance(task, StimulativeTask):
+            task.before_validate(loader_train, amp_autocast)
         eval_metrics = validate(eval_model, loader_eval, device, **validate_kwargs)
         if task.has_ema() and not args.model_ema_force_cpu:
             ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, device, **validate_kwargs)
