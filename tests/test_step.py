@@ -343,13 +343,14 @@ def test_recalibrate_bn_empty_loader_keeps_statistics(resnet):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_compiled_main_path_matches_eager_without_recompiling(resnet):
+@pytest.mark.parametrize('backend', ['aot_eager', 'inductor'])
+def test_compiled_main_path_matches_eager_without_recompiling(resnet, backend):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
     config = {'num_subnets': 2}
     ref_model = clone(resnet)
     task = StimulativeTask(resnet, config, sampler=FixedSampler(PLANS), verbose=False)
-    task.compile(backend='aot_eager')
+    task.compile(backend=backend)
     eager = StimulativeTask(ref_model, config, sampler=FixedSampler(PLANS), verbose=False)
     for step in range(3):
         x, y = batch(seed=step)
