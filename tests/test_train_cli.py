@@ -124,6 +124,7 @@ def corrupt_checkpoint(tmp_path):
     (['--resume', 'CORRUPT'], 'is corrupt or not a PyTorch checkpoint'),
     (['--num-classes', '5'], 'num_classes is 5 but the dataset has 3 classes'),
     (['--batch-size', 'eight'], 'invalid command line'),
+    (['--aug-repeats', '3'], 'repeated augmentation needs a distributed run'),
 ])
 def test_errors_exit_before_training(tmp_path, image_folder, corrupt_checkpoint, capsys, extra, message):
     extra = [str(corrupt_checkpoint) if a == 'CORRUPT' else a for a in extra]

@@ -185,6 +185,9 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
     args.prefetcher = not args.no_prefetcher
     device = utils.init_distributed_device(args)
     primary = utils.is_primary(args)
+    if args.aug_repeats and not args.distributed:
+        _fail(f'aug_repeats {args.aug_repeats}: repeated augmentation needs a distributed run (torchrun); '
+              f'for a single process override it with --aug-repeats 0')
     if args.distributed:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
     utils.random_seed(args.seed, args.rank)
