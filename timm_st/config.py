@@ -95,6 +95,12 @@ class StimulativeConfig:
     def subnet_loss(self):
         return get_subnet_loss(self.loss)
 
+    def check_targets(self, soft_targets: bool) -> None:
+        """Fail early when the loss needs class-index targets but mixup/cutmix will make soft ones."""
+        if soft_targets and self.subnet_loss.hard_labels:
+            raise ValueError(f'stimulative.loss: {self.loss!r} needs class-index targets, but mixup/cutmix make '
+                             f'soft targets; disable mixup/cutmix or choose another loss')
+
     def coef_at(self, epoch: int, num_epochs: Optional[int]) -> float:
         """Weight of the sub-network losses at `epoch` (0 before `start_epoch`)."""
         if self.num_subnets == 0 or epoch < self.start_epoch:

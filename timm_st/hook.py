@@ -95,10 +95,10 @@ def _config(section: Optional[dict], args: Any = None) -> StimulativeConfig:
                 'distillation task and ignore stimulative training. Remove one of them.')
         mixup_active = (getattr(args, 'mixup', 0) or 0) > 0 or (getattr(args, 'cutmix', 0) or 0) > 0 or (
             getattr(args, 'cutmix_minmax', None) is not None)
-        if config.subnet_loss.hard_labels and mixup_active:
-            raise StimulativeRecipeError(
-                f'timm_st: stimulative.loss: {config.loss!r} needs class-index targets, but mixup/cutmix make soft '
-                f'targets; disable mixup/cutmix or choose another loss')
+        try:
+            config.check_targets(soft_targets=mixup_active)
+        except ValueError as e:
+            raise StimulativeRecipeError(f'timm_st: {e}') from None
     return config
 
 

@@ -36,6 +36,7 @@ from timm.models import clean_state_dict, save_for_hf
 from timm.models._hub import generate_readme
 
 from . import __version__
+from .checkpoint import read_checkpoint
 
 __all__ = ['PublishError', 'export_checkpoint', 'publish', 'main', 'CHECKPOINT_FILES', 'CITATIONS']
 
@@ -133,14 +134,10 @@ class TrainingRun:
     @staticmethod
     def _load_checkpoint(path: Path) -> Dict[str, Any]:
         try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # truncated, foreign or garbage file
-            first = (str(e).strip().splitlines() or [''])[0][:200]
-            raise PublishError(f'checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {first}); it is '
-                               f'corrupt, truncated or not a PyTorch checkpoint; choose another one with '
-                               f'--checkpoint (e.g. last)') from None
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
+            checkpoint = read_checkpoint(path)
+        except ValueError as e:
+            raise PublishError(f'{e}; choose another one with --checkpoint (e.g. last)') from None
+        if not isinstance(checkpoint.get('state_dict'), dict):
             raise PublishError(f'checkpoint {str(path)!r} holds no model weights ("state_dict"); it is not a '
                                f'checkpoint written by `timm-st train`')
         return checkpoint

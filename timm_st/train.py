@@ -32,6 +32,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, resume_task_checkpoint
 
 from .adapters import subnet_stages
+from .checkpoint import read_checkpoint
 from .config import StimulativeConfig
 from .digits import materialize_digits
 from .evaluation import evaluate_subnets, sample_eval_plans, validate
@@ -96,14 +97,9 @@ def _check_checkpoint(path: str) -> None:
     if not os.path.isfile(path):
         _fail(f'checkpoint {path!r} does not exist; check the path (checkpoints are in the run\'s output folder)')
     try:
-        import argparse
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        _fail(f'checkpoint {path!r} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
-              f'it is corrupt or not a PyTorch checkpoint; use another checkpoint (e.g. last.pth.tar)')
-    if not isinstance(checkpoint, dict):
-        _fail(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, not a checkpoint dictionary')
+        read_checkpoint(path)
+    except ValueError as e:
+        _fail(f'{e}; use another checkpoint (e.g. last.pth.tar)')
 
 
 def _build_datasets(args):
@@ -212,10 +208,8 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     criterion = _train_criterion(args, mixup_active).to(device)
     if config is not None:
-        if config.subnet_loss.hard_labels and mixup_active:
-            _fail(f"stimulative.loss: {config.loss!r} needs class-index targets, but mixup/cutmix make soft "
-                  f"targets; disable mixup/cutmix or choose another loss")
-        try:  # a model without adapter, or a space that does not fit it, fails here, before any training
+        try:  # soft targets for a hard-label loss, a model without adapter, or a space that does not fit it
+            config.check_targets(soft_targets=mixup_active)
             task = StimulativeTask(model, config, criterion=criterion, num_epochs=args.epochs, device=device,
                                    verbose=primary)
         except ValueError as e:
