@@ -125,6 +125,9 @@ def corrupt_checkpoint(tmp_path):
     (['--num-classes', '5'], 'num_classes is 5 but the dataset has 3 classes'),
     (['--batch-size', 'eight'], 'invalid command line'),
     (['--aug-repeats', '3'], 'repeated augmentation needs a distributed run'),
+    (['--eval-subnets', '-1'], 'eval_subnets must be >= 0'),
+    (['--grad-accum-steps', '0'], 'grad_accum_steps must be >= 1'),
+    (['--train-batch-sizes', '4'], 'train_batch_sizes needs train_img_sizes'),
 ])
 def test_errors_exit_before_training(tmp_path, image_folder, corrupt_checkpoint, capsys, extra, message):
     extra = [str(corrupt_checkpoint) if a == 'CORRUPT' else a for a in extra]

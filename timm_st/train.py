@@ -89,6 +89,8 @@ def _check_inputs(args) -> None:
         _check_checkpoint(args.resume)
     if args.initial_checkpoint:
         _check_checkpoint(args.initial_checkpoint)
+    if args.eval_subnets < 0:
+        _fail(f'eval_subnets must be >= 0 (0 = no sub-network evaluation), got {args.eval_subnets}')
     if args.grad_accum_steps < 1:
         _fail(f'grad_accum_steps must be >= 1, got {args.grad_accum_steps}')
 
