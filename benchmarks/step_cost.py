@@ -101,7 +101,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm
-from timm_st.task import StimulativeTask
+from timm_st.method.task import StimulativeTask
 
 CONFIGS = [
     ('CT', {'num_subnets': 0}),

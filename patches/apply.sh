@@ -40,8 +40,8 @@ if ! err="$(git apply --check "$patch" 2>&1)"; then
     echo "$err" >&2
     die "the patch does not apply cleanly to $checkout/train.py (written for timm commit $PATCH_COMMIT, v1.0.28-14). \
 Check out that commit (git -C $checkout checkout $PATCH_COMMIT -- train.py), or use the no-patch route \
-(device_modules: [timm_st.hook]) if your train.py is supported, or run the recipe with timm-st train."
+(device_modules: [timm_st.commands.hook]) if your train.py is supported, or run the recipe with timm-st train."
 fi
 git apply "$patch"
 echo "apply.sh: patched $checkout/train.py (adds --task and --task-kwargs)"
-echo "apply.sh: run stimulative recipes with: python train.py --config RECIPE.yaml --task timm_st.hook:create_task ..."
+echo "apply.sh: run stimulative recipes with: python train.py --config RECIPE.yaml --task timm_st.commands.hook:create_task ..."

@@ -17,7 +17,7 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 
 import timm_st
-import timm_st.adapters
+import timm_st.method.adapters
 from timm_st import Stage, SubnetPlan, register_subnet_adapter, subnet_stages, use_subnet
 
 
@@ -182,7 +182,7 @@ def test_stage_depths_and_containers(family):
     model, _ = _make(family)
     stages = subnet_stages(model)
     assert tuple(s.depth for s in stages) == FAMILIES[family][3]
-    assert timm_st.adapters.stage_depths(stages) == FAMILIES[family][3]
+    assert timm_st.method.adapters.stage_depths(stages) == FAMILIES[family][3]
     # every block of every stage is a submodule of the model, each appears exactly once
     owned = {id(m) for m in model.modules()}
     blocks = [b for s in stages for b in s.container.children()]
@@ -513,7 +513,7 @@ def tiny_adapter():
     try:
         yield fn
     finally:
-        timm_st.adapters._ADAPTERS.pop(_TinyNet, None)
+        timm_st.method.adapters._ADAPTERS.pop(_TinyNet, None)
 
 
 def test_custom_adapter_registration(tiny_adapter):
@@ -538,14 +538,14 @@ def test_custom_adapter_registration(tiny_adapter):
 
 
 def test_custom_adapter_decorator_and_cleanup():
-    assert _TinyNet not in timm_st.adapters._ADAPTERS
+    assert _TinyNet not in timm_st.method.adapters._ADAPTERS
     try:
         @register_subnet_adapter(_TinyNet)
         def fn(model):
             return [Stage(model.stages[0], (False, True, True))]
         assert [s.depth for s in subnet_stages(_TinyNet())] == [3]
     finally:
-        timm_st.adapters._ADAPTERS.pop(_TinyNet, None)
+        timm_st.method.adapters._ADAPTERS.pop(_TinyNet, None)
     with pytest.raises(ValueError, match='_TinyNet'):
         subnet_stages(_TinyNet())
 
@@ -556,7 +556,7 @@ def test_adapter_returning_no_stages_raises():
         with pytest.raises(ValueError, match='no stages'):
             subnet_stages(_TinyNet())
     finally:
-        timm_st.adapters._ADAPTERS.pop(_TinyNet, None)
+        timm_st.method.adapters._ADAPTERS.pop(_TinyNet, None)
 
 
 def test_wrapped_model_is_looked_through():

@@ -226,7 +226,7 @@ def test_subnet_stages(name):
     n = BLOCKS_PER_STAGE[name]
     model = _model(name)
     stages = subnet_stages(model)
-    assert timm_st.adapters.stage_depths(stages) == (n, n, n)
+    assert timm_st.method.adapters.stage_depths(stages) == (n, n, n)
     for stage, container in zip(stages, model.stages):
         assert stage.container is container
         assert stage.droppable == (False,) + (True,) * (n - 1)

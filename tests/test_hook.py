@@ -1,4 +1,4 @@
-"""timm_st.hook (no-patch route) and patches/ (the --task option) for timm's own train.py.
+"""timm_st.commands.hook (no-patch route) and patches/ (the --task option) for timm's own train.py.
 
 Part (a) runs the hook's logic on a fake train.py namespace. Part (b) runs the real train.py of a
 pytorch-image-models checkout, whose path comes from the environment variable TIMM_TRAIN_PY
@@ -18,11 +18,11 @@ import timm
 import torch
 import yaml
 
-import timm_st.hook as hook
-import timm_st.task
+import timm_st.commands.hook as hook
+import timm_st.method.task
 from timm_st import StimulativeConfig, StimulativeTask
 from conftest import write_image_folder
-from timm_st.hook import StimulativeRecipeError
+from timm_st.commands.hook import StimulativeRecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = REPO / 'patches' / 'train_task_option.patch'
@@ -106,7 +106,7 @@ def recorded_recalibration(monkeypatch):
         recorder.events.append(('recalibrate', num_images))
         return num_images
 
-    monkeypatch.setattr(timm_st.task, 'recalibrate_bn', fake_recalibrate)
+    monkeypatch.setattr(timm_st.method.task, 'recalibrate_bn', fake_recalibrate)
     return recorder
 
 
@@ -129,7 +129,7 @@ def test_no_op_when_main_is_not_timm_train_py(tmp_path, name, timm_global):
 
 
 def test_no_op_for_timm_st_modules():
-    import timm_st.train as ours
+    import timm_st.commands.train as ours
     assert not hook.is_timm_train_script(ours)  # its name is train.py and it uses timm, but it is ours
 
 
@@ -331,7 +331,7 @@ RECORDER_SRC = '''
 import json
 import os
 
-from timm_st.task import StimulativeTask
+from timm_st.method.task import StimulativeTask
 
 _sample, _forward = StimulativeTask._sample, StimulativeTask.forward
 
@@ -369,7 +369,7 @@ def workdir(tmp_path_factory):
     return root
 
 
-def recipe(path, stimulative=None, device_modules=('timm_st.hook', RECORDER), **extra):
+def recipe(path, stimulative=None, device_modules=('timm_st.commands.hook', RECORDER), **extra):
     """A one-epoch CPU recipe: 3 steps of 8 images, fp32, no augmentation randomness, workers 0."""
     keys = dict(model='resnet20_cifar', num_classes=3, img_size=16, crop_pct=1.0, batch_size=8, epochs=1,
                 warmup_epochs=0, lr=0.05, workers=0, no_aug=True, no_prefetcher=True, mixup=0.0, cutmix=0.0,
@@ -437,7 +437,7 @@ def hook_run(workdir):
 @needs_train_py
 def test_hook_route_trains_one_epoch(hook_run, workdir):
     records, output = hook_run
-    assert 'timm_st.hook: stimulative training' in output and 'StimulativeTask' in output
+    assert 'timm_st.commands.hook: stimulative training' in output and 'StimulativeTask' in output
     assert len(losses(records)) == 3 and len(plans(records)) == 3 * STIMULATIVE['num_subnets']
     assert all(r['epoch'] == 0 for r in records if 'loss' in r)
     assert output.count('Re-estimated BatchNorm statistics on 16 training images (epoch 0)') == 1
@@ -451,14 +451,14 @@ def test_hook_route_trains_one_epoch(hook_run, workdir):
 def test_without_stimulative_both_routes_are_plain_timm(workdir, patched_train_py):
     """A CT recipe naming the hook and the task factory trains exactly as timm does with only
     timm-st's models registered, on the unpatched and on the patched train.py."""
-    ours = recipe(workdir / 'ct.yaml', device_modules=('timm_st.hook',), task=hook.FACTORY_PATH)
+    ours = recipe(workdir / 'ct.yaml', device_modules=('timm_st.commands.hook',), task=hook.FACTORY_PATH)
     plain = recipe(workdir / 'ct_plain.yaml', device_modules=('timm_st',))
     runs = [TrainPyRun(TRAIN_PY, workdir, ours, 'ct_hook'), TrainPyRun(patched_train_py, workdir, ours, 'ct_patched'),
             TrainPyRun(TRAIN_PY, workdir, plain, 'ct_plain')]
     runs = [run.finish() for run in runs]
     for run in runs:
         assert run.rc == 0, run.output[-3000:]
-        assert 'timm_st.hook' not in run.output and 'StimulativeTask' not in run.output
+        assert 'timm_st.commands.hook' not in run.output and 'StimulativeTask' not in run.output
     assert result_json(runs[0].stdout) == result_json(runs[2].stdout) == result_json(runs[1].stdout)
 
 
@@ -499,12 +499,12 @@ def test_apply_script_refuses_a_train_py_it_does_not_fit(tmp_path):
 @needs_train_py
 def test_patched_route_trains_one_epoch(patched_train_py, workdir, hook_run):
     # the recipe works with both routes: on the patched train.py the hook sees --task and stays out
-    path = recipe(workdir / 'st_task.yaml', STIMULATIVE, device_modules=('timm_st.hook', RECORDER),
+    path = recipe(workdir / 'st_task.yaml', STIMULATIVE, device_modules=('timm_st.commands.hook', RECORDER),
                   task=hook.FACTORY_PATH)
     # --task-kwargs override single stimulative keys (recalibrate_bn only acts after the epoch's steps)
     rc, records, output = run_train_py(patched_train_py, workdir, path, 'patched', '--task-kwargs', 'recalibrate_bn=8')
     assert rc == 0, output[-3000:]
-    assert 'timm_st.hook: stimulative training' not in output  # no hook at work: the --task option built it
+    assert 'timm_st.commands.hook: stimulative training' not in output  # no hook at work: the --task option built it
     assert 'StimulativeTask' in output
     assert output.count('Re-estimated BatchNorm statistics on 8 training images (epoch 0)') == 1
     # the same run as the hook route: same plans, same losses
@@ -515,8 +515,8 @@ def test_patched_route_trains_one_epoch(patched_train_py, workdir, hook_run):
 def test_same_plans_and_losses_as_timm_st_train(hook_run, workdir, monkeypatch):
     """Parity: one epoch of the same recipe and seed through timm's train.py (hook route) and
     through `timm-st train` draws the same sub-networks and gives the same losses (CPU, fp32)."""
-    from timm_st.task import StimulativeTask as Task
-    from timm_st.train import main
+    from timm_st.method.task import StimulativeTask as Task
+    from timm_st.commands.train import main
     record = workdir / 'cli.jsonl'
     record.unlink(missing_ok=True)
     monkeypatch.setenv('ST_RECORD', str(record))

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 import huggingface_hub
 import timm
-from timm_st import publish as publish_module
-from timm_st.publish import PublishError, export_checkpoint, main, publish
-from timm_st.recipe import parse_args
-from timm_st.train import main as train_main
+from timm_st.commands import publish as publish_module
+from timm_st.commands.publish import PublishError, export_checkpoint, main, publish
+from timm_st.commands.recipe import parse_args
+from timm_st.commands.train import main as train_main
 
 REPO = 'org/resnet18.st_test'
 COMMON = ['--img-size', '16', '--crop-pct', '1.0', '--batch-size', '8', '--warmup-epochs', '0', '--lr', '0.05',

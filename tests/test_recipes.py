@@ -6,7 +6,7 @@ import pytest
 import timm
 
 from timm_st import StimulativeTask
-from timm_st.recipe import load_recipe, parse_args
+from timm_st.commands.recipe import load_recipe, parse_args
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / 'recipes').glob('*.yaml'))
 

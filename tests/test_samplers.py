@@ -12,7 +12,7 @@ import timm_st
 from timm_st import (
     OrderedSubnetSampler, RandomSubnetSampler, Stage, SubnetPlan, resolve_sample_space, subnet_stages, use_subnet,
 )
-from timm_st.adapters import stage_depths
+from timm_st.method.adapters import stage_depths
 
 R50 = (3, 4, 6, 3)
 

@@ -11,7 +11,7 @@ from timm_st import (
     StimulativeTask, SubnetPlan, frozen_running_stats, normalize_logits, recalibrate_bn, resize_input, subnet_stages,
     use_subnet,
 )
-from timm_st.losses import get_subnet_loss
+from timm_st.method.losses import get_subnet_loss
 
 from conftest import PLANS, FixedSampler, assert_grads_close, batch, clone, grads
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from timm_st.train import main
+from timm_st.commands.train import main
 
 BASE = [
     '--model', 'resnet20_cifar', '--img-size', '16', '--crop-pct', '1.0', '--batch-size', '8',

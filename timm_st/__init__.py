@@ -1,16 +1,16 @@
 """timm-st: stimulative training (ST, ST++) for timm models, as a timm `TrainingTask`."""
 from . import models  # registers the CIFAR ResNets with timm
-from .adapters import Stage, register_subnet_adapter, subnet_stages, use_subnet
-from .batchnorm import frozen_running_stats, recalibrate_bn
-from .config import StimulativeConfig
-from .losses import (
+from .method.adapters import Stage, register_subnet_adapter, subnet_stages, use_subnet
+from .method.batchnorm import frozen_running_stats, recalibrate_bn
+from .method.config import StimulativeConfig
+from .method.losses import (
     SubnetLoss, dkd_loss, kl_div_loss, mse_prob_loss, normalize_logits, register_subnet_loss, soft_ce_loss,
 )
-from .plan import SubnetPlan
-from .resize import resize_input
-from .samplers import OrderedSubnetSampler, RandomSubnetSampler, SubnetSampler
-from .spaces import register_sample_space, resolve_sample_space
-from .task import StimulativeTask
+from .method.plan import SubnetPlan, resize_input
+from .method.sampling import (
+    OrderedSubnetSampler, RandomSubnetSampler, SubnetSampler, register_sample_space, resolve_sample_space,
+)
+from .method.task import StimulativeTask
 
 __version__ = '0.1.0'
 

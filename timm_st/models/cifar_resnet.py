@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ..adapters import Stage, register_subnet_adapter
+from ..method.adapters import Stage, register_subnet_adapter
 
 __all__ = ['CifarResNet', 'CifarBasicBlock']
 

@@ -6,10 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import Stage, stage_depths, subnet_stages, use_subnet
-from .plan import SubnetPlan
-from .samplers import OrderedSubnetSampler
-from .spaces import resolve_sample_space
+from ..method.adapters import Stage, stage_depths, subnet_stages, use_subnet
+from ..method.plan import SubnetPlan
+from ..method.sampling import OrderedSubnetSampler, resolve_sample_space
 
 __all__ = ['validate', 'sample_eval_plans', 'evaluate_subnets']
 

@@ -35,8 +35,8 @@ from timm.data import resolve_data_config
 from timm.models import clean_state_dict, save_for_hf
 from timm.models._hub import generate_readme
 
-from . import __version__
-from .checkpoint import read_checkpoint
+from .. import __version__
+from .run_folder import read_checkpoint
 
 __all__ = ['PublishError', 'export_checkpoint', 'publish', 'main', 'CHECKPOINT_FILES', 'CITATIONS']
 
@@ -298,7 +298,7 @@ def _method(stimulative: Optional[Dict[str, Any]]):
     """(short tag, description, list of ST++ strategies used)."""
     if stimulative is None:
         return 'ct', 'common training (CT, no stimulative loss)', []
-    from .config import StimulativeConfig
+    from ..method.config import StimulativeConfig
     try:
         config = StimulativeConfig.from_dict(stimulative)
     except ValueError:  # written by another timm-st version: describe it as is
@@ -484,7 +484,7 @@ def _settings_section(run: TrainingRun, tag: str, strategies: List[str]) -> str:
         text += 'None: this run is common training (the recipe has no `stimulative:` section).\n'
         return text
     from dataclasses import asdict
-    from .config import StimulativeConfig
+    from ..method.config import StimulativeConfig
     try:
         config = asdict(StimulativeConfig.from_dict(run.stimulative))
     except ValueError:

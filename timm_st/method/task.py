@@ -31,10 +31,8 @@ from .adapters import subnet_stages, use_subnet, stage_depths
 from .batchnorm import frozen_running_stats, recalibrate_bn
 from .config import StimulativeConfig
 from .losses import normalize_logits
-from .plan import SubnetPlan
-from .resize import resize_input
-from .samplers import OrderedSubnetSampler, RandomSubnetSampler
-from .spaces import resolve_sample_space
+from .plan import SubnetPlan, resize_input
+from .sampling import OrderedSubnetSampler, RandomSubnetSampler, resolve_sample_space
 
 __all__ = ['StimulativeTask']
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import StimulativeConfig
+from ..method.config import StimulativeConfig
 
 __all__ = ['RecipeError', 'build_parser', 'parse_args', 'load_recipe', 'EXTRA_KEYS']
 
@@ -23,7 +23,7 @@ class RecipeError(ValueError):
 # keys of ours, not timm's: a recipe mapping, and the number of sub-networks evaluated at the end
 EXTRA_KEYS = ('stimulative', 'eval_subnets')
 # the task factory a recipe names for timm's train.py with patches/ applied; timm-st train builds that task itself
-TASK_FACTORY = 'timm_st.hook:create_task'
+TASK_FACTORY = 'timm_st.commands.hook:create_task'
 
 _FLAG = dict(action='store_true')
 

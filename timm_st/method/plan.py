@@ -1,7 +1,15 @@
-"""`SubnetPlan`: which blocks of each stage a sub-network keeps, and its input size."""
+"""`SubnetPlan`: which blocks of each stage a sub-network keeps, and the input size it sees.
+
+Sub-network inputs are always resized from the original batch, once, with no second normalisation.
+"""
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['SubnetPlan', 'resize_input']
 
 
 @dataclass(frozen=True)
@@ -46,3 +54,13 @@ class SubnetPlan:
     def depths(self) -> Tuple[int, ...]:
         """Number of kept blocks per stage."""
         return tuple(len(kept) for kept in self.blocks)
+
+
+def resize_input(x: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """Resize a normalised NCHW batch to `size x size` (bilinear, antialiased), keeping channels-last."""
+    if size is None or (x.shape[-2] == size and x.shape[-1] == size):
+        return x
+    out = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=True)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out

@@ -2,7 +2,7 @@
 
 A recipe lists this module in timm's `device_modules` key::
 
-    device_modules: [timm_st.hook]
+    device_modules: [timm_st.commands.hook]
     stimulative: {num_subnets: 1, ...}
 
 timm's `train.py` imports the `device_modules` at the start of `main()`, right after parsing the
@@ -19,12 +19,12 @@ recipe and the command line. On import, this module
   `recalibrate_bn > 0`.
 
 Recipes without `stimulative:` run exactly as plain timm. Imported by anything that is not timm's
-`train.py` (e.g. `timm-st train`, which also imports `device_modules`, or `import timm_st.hook`),
+`train.py` (e.g. `timm-st train`, which also imports `device_modules`, or `import timm_st.commands.hook`),
 the module does nothing. A `train.py` without the structure relied on (see `SUPPORTED`) stops
 the run with a RuntimeError pointing to the patch in `patches/`.
 
 The patch route (`patches/train_task_option.patch`, a generic `--task` option for timm's
-`train.py`) uses `create_task` in this module as its task factory: `--task timm_st.hook:create_task`.
+`train.py`) uses `create_task` in this module as its task factory: `--task timm_st.commands.hook:create_task`.
 """
 import argparse
 import functools
@@ -42,8 +42,8 @@ import torch.nn as nn
 import timm_st  # noqa: F401  (registers timm-st's models with timm)
 from timm.task import ClassificationTask
 
-from .config import StimulativeConfig
-from .task import StimulativeTask
+from ..method.config import StimulativeConfig
+from ..method.task import StimulativeTask
 
 __all__ = [
     'SUPPORTED', 'StimulativeRecipeError', 'HookState',
@@ -56,8 +56,8 @@ SUPPORTED = ("timm's train.py of releases v1.0.23 to v1.0.28 and of the main bra
              "aa4b5850c1543fa488abf260f18390eda46cf85d (v1.0.28-14-gaa4b5850)")
 _PATCH_HINT = ("Use a supported train.py, run the recipe with `timm-st train`, or patch your train.py with "
                "timm-st's patches/apply.sh (patches/train_task_option.patch adds a generic --task option) and "
-               "run it with --task timm_st.hook:create_task")
-FACTORY_PATH = 'timm_st.hook:create_task'
+               "run it with --task timm_st.commands.hook:create_task")
+FACTORY_PATH = 'timm_st.commands.hook:create_task'
 
 # what the hook needs of train.py: leading parameters of the two functions it wraps (and ones it reads)
 _TRAIN_ONE_EPOCH_PARAMS = ('epoch', 'model', 'loader', 'optimizer', 'args', 'task')
@@ -119,7 +119,7 @@ def create_task(
         args: Optional[argparse.Namespace] = None,
         **task_kwargs,
 ):
-    """Task factory for timm's train.py with the `--task` option (patches/): `--task timm_st.hook:create_task`.
+    """Task factory for timm's train.py with the `--task` option (patches/): `--task timm_st.commands.hook:create_task`.
 
     As `timm-st train`: the stimulative task when the recipe has a `stimulative:` section
     (`args.stimulative`) or `--task-kwargs` are given (stimulative keys, e.g. `num_subnets=2`,
@@ -195,7 +195,7 @@ def check_train_script(module: types.ModuleType, args: Any = None) -> None:
     if problems:
         path = getattr(module, '__file__', '?')
         raise RuntimeError(
-            f'timm_st.hook: {path} does not have the structure the hook relies on ({"; ".join(problems)}). '
+            f'timm_st.commands.hook: {path} does not have the structure the hook relies on ({"; ".join(problems)}). '
             f'The hook supports {SUPPORTED}. {_PATCH_HINT}.')
 
 
@@ -231,7 +231,7 @@ def find_main_args(module: types.ModuleType) -> argparse.Namespace:
     finally:
         del frame
     raise RuntimeError(
-        f'timm_st.hook: imported by {getattr(module, "__file__", "?")} but not from its main() with parsed `args` '
+        f'timm_st.commands.hook: imported by {getattr(module, "__file__", "?")} but not from its main() with parsed `args` '
         f'in scope (timm\'s train.py imports device_modules right after parsing them). The hook supports '
         f'{SUPPORTED}. {_PATCH_HINT}.')
 
@@ -310,7 +310,7 @@ def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional
     ns['train_one_epoch'] = train_one_epoch
     ns['validate'] = validate
     if os.environ.get('RANK', '0') == '0':
-        _logger.info(f'timm_st.hook: stimulative training in {getattr(main_module, "__file__", "train.py")} '
+        _logger.info(f'timm_st.commands.hook: stimulative training in {getattr(main_module, "__file__", "train.py")} '
                      f'({config.num_subnets} sub-network(s) per step, loss {config.loss}, '
                      f'recalibrate_bn {config.recalibrate_bn})')
     return state

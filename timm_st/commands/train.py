@@ -31,17 +31,17 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, resume_task_checkpoint
 
-from .adapters import subnet_stages
-from .checkpoint import read_checkpoint
-from .config import StimulativeConfig
+from ..analysis.evaluation import evaluate_subnets, sample_eval_plans, validate
+from ..method.adapters import subnet_stages
+from ..method.config import StimulativeConfig
+from ..method.task import StimulativeTask
 from .digits import materialize_digits
-from .evaluation import evaluate_subnets, sample_eval_plans, validate
 from .recipe import RecipeError, parse_args
-from .task import StimulativeTask
+from .run_folder import read_checkpoint
 
 __all__ = ['main', 'train']
 
-_logger = logging.getLogger('timm_st.train')
+_logger = logging.getLogger(__name__)
 
 
 class _Progress:

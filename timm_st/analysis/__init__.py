@@ -1,0 +1,1 @@
+"""Measurement: accuracy of the full network and of its sub-networks ("loafing")."""
