@@ -9,11 +9,13 @@ import argparse
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import timm
 import yaml
 
 from ..method.config import StimulativeConfig
+from .run_folder import read_checkpoint
 
-__all__ = ['RecipeError', 'build_parser', 'parse_args', 'load_recipe', 'EXTRA_KEYS']
+__all__ = ['RecipeError', 'build_parser', 'parse_args', 'load_recipe', 'check_run', 'EXTRA_KEYS']
 
 
 class RecipeError(ValueError):
@@ -296,3 +298,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
         raise RecipeError(str(e)) from None
     args.stimulative = stimulative
     return args, config
+
+
+def _fail(message: str) -> None:
+    raise RecipeError(message)
+
+
+def check_run(args: argparse.Namespace, config: Optional[StimulativeConfig], runner: str) -> None:
+    """The one validation of a whole run (recipe + command line), before any work; raises RecipeError.
+
+    `runner` names who will run it ('timm-st train' or timm's train.py through the hook) for the messages.
+    """
+    if not timm.is_model(args.model):
+        close = timm.list_models(f'*{args.model.split(".")[0][:6]}*')[:8]
+        _fail(f'unknown model {args.model!r}; similar timm models: {close}. '
+              f'(timm-st registers resnet20/32/44/56/110_cifar.)')
+    if args.dataset != 'digits':
+        if not args.data_dir:
+            _fail('no dataset given: pass --data-dir PATH (an image folder with train/ and validation/ splits), or '
+                  'use --dataset digits for the embedded demo')
+        if not args.dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) and not os.path.isdir(args.data_dir):
+            _fail(f'data directory {args.data_dir!r} does not exist; pass --data-dir with an image folder '
+                  f'containing {args.train_split}/ and {args.val_split}/')
+    if args.resume:
+        _check_checkpoint(args.resume)
+    if args.initial_checkpoint:
+        _check_checkpoint(args.initial_checkpoint)
+    if args.eval_subnets < 0:
+        _fail(f'eval_subnets must be >= 0 (0 = no sub-network evaluation), got {args.eval_subnets}')
+    if args.grad_accum_steps < 1:
+        _fail(f'grad_accum_steps must be >= 1, got {args.grad_accum_steps}')
+
+
+def _check_checkpoint(path: str) -> None:
+    if not os.path.isfile(path):
+        _fail(f'checkpoint {path!r} does not exist; check the path (checkpoints are in the run\'s output folder)')
+    try:
+        read_checkpoint(path)
+    except ValueError as e:
+        _fail(f'{e}; use another checkpoint (e.g. last.pth.tar)')

@@ -36,8 +36,7 @@ from ..method.adapters import subnet_stages
 from ..method.config import StimulativeConfig
 from ..method.task import StimulativeTask
 from .digits import materialize_digits
-from .recipe import RecipeError, parse_args
-from .run_folder import read_checkpoint
+from .recipe import RecipeError, check_run, parse_args
 
 __all__ = ['main', 'train']
 
@@ -70,38 +69,6 @@ class _Progress:
 
 def _fail(message: str) -> None:
     raise RecipeError(message)
-
-
-def _check_inputs(args) -> None:
-    """Errors a user can fix, found before any work is done."""
-    if not timm.is_model(args.model):
-        close = timm.list_models(f'*{args.model.split(".")[0][:6]}*')[:8]
-        _fail(f'unknown model {args.model!r}; similar timm models: {close}. '
-              f'(timm-st registers resnet20/32/44/56/110_cifar.)')
-    if args.dataset != 'digits':
-        if not args.data_dir:
-            _fail('no dataset given: pass --data-dir PATH (an image folder with train/ and validation/ splits), or '
-                  'use --dataset digits for the embedded demo')
-        if not args.dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) and not os.path.isdir(args.data_dir):
-            _fail(f'data directory {args.data_dir!r} does not exist; pass --data-dir with an image folder '
-                  f'containing {args.train_split}/ and {args.val_split}/')
-    if args.resume:
-        _check_checkpoint(args.resume)
-    if args.initial_checkpoint:
-        _check_checkpoint(args.initial_checkpoint)
-    if args.eval_subnets < 0:
-        _fail(f'eval_subnets must be >= 0 (0 = no sub-network evaluation), got {args.eval_subnets}')
-    if args.grad_accum_steps < 1:
-        _fail(f'grad_accum_steps must be >= 1, got {args.grad_accum_steps}')
-
-
-def _check_checkpoint(path: str) -> None:
-    if not os.path.isfile(path):
-        _fail(f'checkpoint {path!r} does not exist; check the path (checkpoints are in the run\'s output folder)')
-    try:
-        read_checkpoint(path)
-    except ValueError as e:
-        _fail(f'{e}; use another checkpoint (e.g. last.pth.tar)')
 
 
 def _build_datasets(args):
@@ -171,7 +138,7 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
             importlib.import_module(module)
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    _check_inputs(args)
+    check_run(args, config, runner='timm-st train')
     dataset_train, dataset_eval = _build_datasets(args)
     num_data_classes = _dataset_classes(dataset_train)
     if args.num_classes is None:
