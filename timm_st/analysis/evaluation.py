@@ -1,16 +1,105 @@
-"""Evaluation: full-network accuracy, and accuracy of sampled sub-networks ("loafing")."""
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Union
+"""Evaluation: full-network accuracy, and accuracy of sub-networks ("loafing").
+
+`evaluate_plans` evaluates many sub-networks at once, either as a prefix tree (`tree.py`: every
+shared prefix computed once per batch) or one by one with `use_subnet` (the reference); both give
+the same numbers. With `bn='recalibrate'` every sub-network gets its own BatchNorm statistics,
+re-estimated on calibration images, before it is evaluated.
+"""
+import itertools
+import logging
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..method.adapters import Stage, stage_depths, subnet_stages, use_subnet
-from ..method.plan import SubnetPlan
+from timm.utils.model import unwrap_model
+
+from ..method.adapters import Stage, _check_plan, stage_depths, subnet_stages, use_subnet
+from ..method.batchnorm import _stat_norms
+from ..method.plan import SubnetPlan, resize_input
 from ..method.sampling import OrderedSubnetSampler, resolve_sample_space
+from .tree import (
+    PrefixTree, Route, TreeRunner, calibration_batches, calibration_mode, fresh_statistics, tree_split, tree_supported,
+)
 
-__all__ = ['validate', 'sample_eval_plans', 'evaluate_subnets']
+__all__ = [
+    'validate', 'sample_eval_plans', 'evaluate_subnets', 'space_plans', 'draw_space_plans', 'evaluate_plans',
+    'evaluate_routes', 'relative_flops',
+]
+
+_logger = logging.getLogger(__name__)
+
+BN_MODES = ('running', 'recalibrate')
+METHODS = ('auto', 'tree', 'each')
+
+
+def _batch_totals(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss sum, examples, top-1 and top-5 correct of one batch (float64)."""
+    output = output.float()
+    correct = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(y[:, None])
+    return torch.stack([
+        F.cross_entropy(output, y, reduction='sum').double(), torch.tensor(output.shape[0], device=output.device),
+        correct[:, 0].sum(), correct.any(-1).sum()]).double()
+
+
+def _kept(batch_size: int, seen: int, max_samples: Optional[int]) -> int:
+    """How many examples of the next batch count (`max_samples` drops a distributed sampler's padding)."""
+    return batch_size if max_samples is None else max(0, min(batch_size, max_samples - seen))
+
+
+def _metrics(totals: torch.Tensor) -> Dict[str, float]:
+    count = max(totals[1].item(), 1)
+    return {'loss': totals[0].item() / count, 'top1': 100 * totals[2].item() / count,
+            'top5': 100 * totals[3].item() / count, 'samples': int(totals[1].item())}
+
+
+def _report(progress: Optional[Any], n: int) -> None:
+    if progress is None:
+        return
+    if hasattr(progress, 'update'):
+        progress.update(n)
+    else:
+        progress(n)
+
+
+@contextmanager
+def _all_modes_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every module's own train/eval flag on exit (`model.train(mode)` would make them all alike)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@torch.no_grad()
+def _loader_totals(model: nn.Module, loader: Iterable, device: torch.device, autocast: Callable[[], ContextManager],
+                   channels_last: bool, max_samples: Optional[int], input_size: Optional[int] = None,
+                   progress: Optional[Any] = None) -> torch.Tensor:
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, examples, top-1, top-5 correct
+    seen = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                output = model(resize_input(x, input_size))
+            keep = _kept(output.shape[0], seen, max_samples)
+            seen += keep
+            if keep:
+                totals += _batch_totals(output[:keep], y[:keep])
+            _report(progress, 1)
+    finally:
+        model.train(was_training)
+    return totals
 
 
 @torch.no_grad()
@@ -27,35 +116,29 @@ def validate(
 
     `max_samples` drops the padding a distributed sampler adds, counted per rank in order.
     """
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, examples, top-1, top-5 correct
-    seen = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                output = model(x)
-            if max_samples is not None:
-                keep = max(0, min(output.shape[0], max_samples - seen))
-                output, y = output[:keep], y[:keep]
-            seen += output.shape[0]
-            if not output.shape[0]:
-                continue
-            output = output.float()
-            correct = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(y[:, None])
-            totals += torch.stack([
-                F.cross_entropy(output, y, reduction='sum').double(), torch.tensor(output.shape[0], device=device),
-                correct[:, 0].sum(), correct.any(-1).sum()]).double()
-    finally:
-        model.train(was_training)
+    totals = _loader_totals(model, loader, device, autocast, channels_last, max_samples)
     if distributed:
         torch.distributed.all_reduce(totals)
-    count = max(totals[1].item(), 1)
-    return {'loss': totals[0].item() / count, 'top1': 100 * totals[2].item() / count,
-            'top5': 100 * totals[3].item() / count}
+    metrics = _metrics(totals)
+    return {k: metrics[k] for k in ('loss', 'top1', 'top5')}
+
+
+def space_plans(stages: Sequence[Stage], space: Union[str, Mapping] = 'default') -> List[SubnetPlan]:
+    """Every member of the ordered space, the full network included, in depth-first order
+    (lexicographic in the stage depths, stage 1 first)."""
+    max_drop = resolve_sample_space(space, stages)
+    ranges = [range(d - m, d + 1) for d, m in zip(stage_depths(stages), max_drop)]
+    return [SubnetPlan.prefix(depths) for depths in itertools.product(*ranges)]
+
+
+def draw_space_plans(stages: Sequence[Stage], space: Union[str, Mapping], count: int, seed: int = 0) -> List[SubnetPlan]:
+    """`count` distinct members of the space (all of them when it has fewer), drawn with `seed`, in
+    space order: the same plans for every model with this stage layout."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f'draw_space_plans: count must be a positive integer, got {count!r}')
+    members = space_plans(stages, space)
+    picks = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed))[:count]
+    return [members[i] for i in sorted(picks.tolist())]
 
 
 def sample_eval_plans(stages: List[Stage], space: Union[str, Mapping] = 'default', count: int = 10,
@@ -79,15 +162,246 @@ def sample_eval_plans(stages: List[Stage], space: Union[str, Mapping] = 'default
     return sorted(plans, key=lambda p: p.depths)
 
 
+# ------------------------------------------------------------------------------------------------
+# Many networks at once: routes (block order per stage + input size), by tree or one by one.
+# ------------------------------------------------------------------------------------------------
+
+class SplitMismatch(RuntimeError):
+    """The registered `TreeSplit` does not reproduce the model's own forward."""
+
+
+def _is_increasing(blocks) -> bool:
+    return all(all(b > a for a, b in zip(kept, kept[1:])) for kept in blocks)
+
+
+@contextmanager
+def _blocks_in_order(stages: Sequence[Stage], blocks) -> Iterator[None]:
+    """Like `use_subnet`, for any block order (a lesion study swaps blocks); an ordered route uses `use_subnet`."""
+    if _is_increasing(blocks):
+        with use_subnet(stages, SubnetPlan(blocks)):
+            yield
+        return
+    saved = []
+    try:
+        for stage, kept in zip(stages, blocks):
+            modules = stage.container._modules
+            names = list(modules)
+            saved.append((stage.container, modules))
+            object.__setattr__(stage.container, '_modules', OrderedDict((names[i], modules[names[i]]) for i in kept))
+        yield
+    finally:
+        for container, modules in reversed(saved):
+            object.__setattr__(container, '_modules', modules)
+
+
+@contextmanager
+def _own_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block the norm layers use new, reset statistics; their own are put back on exit."""
+    saved = [(m, dict(m._buffers)) for m in _stat_norms(model)]
+    try:
+        for m, _ in saved:
+            m._buffers.update(fresh_statistics(m))
+        yield
+    finally:
+        for m, buffers in saved:
+            m._buffers.update(buffers)
+
+
+def _check_routes(stages: Sequence[Stage], routes: Sequence[Route]) -> None:
+    for blocks, _ in routes:
+        if any(len(set(k)) != len(k) for k in blocks):
+            raise ValueError(f'route {blocks} runs a block twice')
+        _check_plan(stages, SubnetPlan(tuple(tuple(sorted(k)) for k in blocks)))
+
+
+@torch.no_grad()
+def _evaluate_each(model, stages, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
+                   progress) -> torch.Tensor:
+    """The reference: each route on its own, the model's own forward under `use_subnet`."""
+    calib_images = list(calib) if bn == 'recalibrate' else []
+    totals = torch.zeros(len(routes), 4, dtype=torch.float64, device=device)
+    for i, (blocks, size) in enumerate(routes):
+        with _blocks_in_order(stages, blocks), (_own_statistics(model) if calib_images else nullcontext()):
+            if calib_images:
+                with calibration_mode(model):
+                    for x in calib_images:
+                        with autocast():
+                            model(resize_input(x, size))
+                        _report(progress, 1)
+            totals[i] = _loader_totals(model, loader, device, autocast, channels_last, max_samples, size, progress)
+    return totals
+
+
+def _verify_split(model, split, stages, x, autocast) -> None:
+    """The full network through the split must give the model's own logits."""
+    full = (tuple(tuple(range(s.depth)) for s in stages), None)
+    runner = TreeRunner(model, split, stages, PrefixTree([full]))
+    model.eval()
+    with autocast():
+        ref = model(x).float()
+        got = runner.run_route(0, x).float()
+    tol = 1e-4 * (1 + ref.abs().max().item())
+    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=tol):
+        diff = (got - ref).abs().max().item() if got.shape == ref.shape else f'shape {tuple(got.shape)}'
+        raise SplitMismatch(
+            f'the tree split of {type(model).__name__} does not reproduce its forward (max difference {diff}); '
+            f'its forward_features/forward_head differ from what the split assumes')
+
+
+@torch.no_grad()
+def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
+                   progress, info) -> torch.Tensor:
+    tree = PrefixTree(routes)
+    runner = TreeRunner(model, split, stages, tree)
+    totals = torch.zeros(len(routes), 4, dtype=torch.float64, device=device)
+    info['block_evaluations_per_batch'], info['block_evaluations_each_per_batch'] = tree.block_evaluations()
+    eval_batches = iter(loader)
+    if bn == 'recalibrate':
+        calib = iter(calib)
+        first = next(calib, None)
+        if first is None:
+            raise ValueError('evaluate_plans: the calibration loader produced no images')
+        _verify_split(model, split, stages, first, autocast)
+        with calibration_mode(model), runner.node_statistics(create=True):
+            for x in itertools.chain([first], calib):
+                with autocast():
+                    runner.run(x)
+                _report(progress, len(routes))
+    else:
+        first = next(eval_batches, None)
+        if first is not None:
+            x = first[0].to(device)
+            _verify_split(model, split, stages, x.contiguous(memory_format=torch.channels_last) if channels_last else x,
+                          autocast)
+        eval_batches = itertools.chain([first] if first is not None else [], eval_batches)
+
+    seen = 0
+    model.eval()
+    with (runner.node_statistics(create=False) if bn == 'recalibrate' else nullcontext()):
+        for x, y in eval_batches:
+            x, y = x.to(device), y.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            keep = _kept(x.shape[0], seen, max_samples)
+            seen += keep
+            if keep:
+                def on_leaf(ids, logits, y=y[:keep], keep=keep):
+                    with torch.autocast(device.type, enabled=False):
+                        t = _batch_totals(logits[:keep], y)
+                    for i in ids:
+                        totals[i] += t
+
+                with autocast():
+                    runner.run(x, on_leaf)
+            _report(progress, len(routes))
+    return totals
+
+
+def evaluate_routes(
+        model: nn.Module,
+        routes: Sequence[Route],
+        loader: Iterable,
+        device: torch.device,
+        *,
+        bn: str = 'running',
+        calib_loader: Optional[Iterable] = None,
+        calib_images: int = 2000,
+        autocast: Callable[[], ContextManager] = nullcontext,
+        channels_last: bool = False,
+        max_samples: Optional[int] = None,
+        method: str = 'auto',
+        progress: Optional[Any] = None,
+        distributed: bool = False,
+        info: Optional[Dict[str, Any]] = None,
+) -> List[Dict[str, float]]:
+    """`evaluate_plans` for routes `(blocks, input_size)`, whose blocks may run in any order (lesions)."""
+    if bn not in BN_MODES:
+        raise ValueError(f'bn={bn!r}: use one of {list(BN_MODES)}')
+    if method not in METHODS:
+        raise ValueError(f'method={method!r}: use one of {list(METHODS)}')
+    if bn == 'recalibrate' and calib_loader is None:
+        raise ValueError("bn='recalibrate' needs calib_loader (training images to re-estimate BatchNorm statistics on)")
+    if bn == 'recalibrate' and calib_images < 1:
+        raise ValueError(f"bn='recalibrate' needs calib_images >= 1, got {calib_images}")
+    device = torch.device(device)
+    model = unwrap_model(model)
+    stages = subnet_stages(model)
+    routes = [(tuple(tuple(k) for k in blocks), size) for blocks, size in routes]
+    _check_routes(stages, routes)
+    info = {} if info is None else info
+    supported, reason = tree_supported(model)
+    if method == 'tree' and not supported:
+        raise ValueError(f"method='tree': {reason}; use method='each'")
+    chosen = 'tree' if method != 'each' and supported else 'each'
+    info.update(method=chosen, reason=reason if method == 'auto' else f'method={method!r} requested')
+    if chosen == 'each' and method == 'auto':
+        _logger.info(f'Evaluating {len(routes)} sub-networks one by one: {reason}')
+
+    def calib():
+        return calibration_batches(calib_loader, calib_images, device, channels_last) if bn == 'recalibrate' else None
+
+    args = (loader, device, bn)
+    rest = (autocast, channels_last, max_samples, progress)
+    with _all_modes_kept(model):
+        if chosen == 'tree':
+            try:
+                totals = _evaluate_tree(model, stages, tree_split(model), routes, *args, calib(), *rest, info)
+            except SplitMismatch as e:
+                if method == 'tree':
+                    raise
+                _logger.warning(f'{e}; evaluating one by one instead')
+                info.update(method='each', reason=str(e))
+                chosen = 'each'
+        if chosen == 'each':
+            totals = _evaluate_each(model, stages, routes, *args, calib(), *rest)
+    if distributed:
+        torch.distributed.all_reduce(totals)
+    return [_metrics(t) for t in totals]
+
+
+def evaluate_plans(
+        model: nn.Module,
+        plans: Sequence[SubnetPlan],
+        loader: Iterable,
+        device: torch.device,
+        *,
+        bn: str = 'running',
+        calib_loader: Optional[Iterable] = None,
+        calib_images: int = 2000,
+        autocast: Callable[[], ContextManager] = nullcontext,
+        channels_last: bool = False,
+        max_samples: Optional[int] = None,
+        method: str = 'auto',
+        progress: Optional[Any] = None,
+        distributed: bool = False,
+        info: Optional[Dict[str, Any]] = None,
+) -> List[Dict[str, Any]]:
+    """Accuracy of every plan: `[{'depths', 'top1', 'top5', 'loss', 'samples'}]`, in plan order.
+
+    bn: 'running' evaluates with the model's running statistics (eval mode); 'recalibrate' first
+    re-estimates each sub-network's own BatchNorm statistics on `calib_images` images of
+    `calib_loader` (whole batches, the same images for every sub-network; norm layers in train
+    mode with an equal-weight average over batches, every other module in eval mode).
+    method: 'tree' (prefix tree), 'each' (one by one with `use_subnet`, the reference), 'auto'
+    (tree when the model has a tree split, else each, logged). Both give the same numbers.
+    progress: a callable or tqdm-like `update(n)`, told of every unit done; one unit is one
+    sub-network on one batch, so the total is `len(plans) * (len(loader) + calibration batches)`.
+    distributed: sum the counts over ranks (every rank evaluates every plan on its shard).
+    info: a dict, filled with how the evaluation ran ('method', 'reason', block evaluations per batch).
+    The model's parameters, buffers and train/eval flags are unchanged afterwards, also on error.
+    """
+    results = evaluate_routes(
+        model, [(plan.blocks, plan.input_size) for plan in plans], loader, device, bn=bn, calib_loader=calib_loader,
+        calib_images=calib_images, autocast=autocast, channels_last=channels_last, max_samples=max_samples,
+        method=method, progress=progress, distributed=distributed, info=info)
+    return [{'depths': list(plan.depths), **r} for plan, r in zip(plans, results)]
+
+
 def evaluate_subnets(model: nn.Module, plans: List[SubnetPlan], loader: Iterable, device: torch.device,
                      **validate_kwargs) -> Dict[str, object]:
     """Top-1 of each plan with the full network's BN statistics (eval mode), and its summary."""
-    stages = subnet_stages(model)
-    per_plan = []
-    for plan in plans:
-        with use_subnet(stages, plan):
-            metrics = validate(model, loader, device, **validate_kwargs)
-        per_plan.append({'depths': list(plan.depths), 'top1': metrics['top1'], 'top5': metrics['top5']})
+    per_plan = [{'depths': r['depths'], 'top1': r['top1'], 'top5': r['top5']}
+                for r in evaluate_plans(model, plans, loader, device, **validate_kwargs)]
     top1 = torch.tensor([p['top1'] for p in per_plan], dtype=torch.float64)
     summary = {'count': len(per_plan)}
     if per_plan:
@@ -96,3 +410,50 @@ def evaluate_subnets(model: nn.Module, plans: List[SubnetPlan], loader: Iterable
             top1_min=top1.min().item(), top1_max=top1.max().item())
     summary['subnets'] = per_plan
     return summary
+
+
+@torch.no_grad()
+def relative_flops(model: nn.Module, plans: Sequence[SubnetPlan], input_size: Sequence[int]) -> List[float]:
+    """FLOPs of each plan relative to the full network at `input_size` (C, H, W), batch of 1.
+
+    One counted forward per distinct input size: every block's FLOPs are counted once
+    (`torch.utils.flop_counter`), and a plan costs the full network minus its skipped blocks
+    (a skippable block keeps the shape, so the others do not change).
+    """
+    model = unwrap_model(model)
+    stages = subnet_stages(model)
+    for plan in plans:
+        _check_plan(stages, plan)
+    channels, height, width = input_size
+    param = next(itertools.chain(model.parameters(), model.buffers()))
+    counted: Dict[Any, tuple] = {}
+
+    def count(hw):
+        if hw not in counted:
+            counter = FlopCounterMode(display=False)
+            per_block, start = {}, {}
+            handles = []
+            for s, stage in enumerate(stages):
+                for b, block in enumerate(stage.container._modules.values()):
+                    handles.append(block.register_forward_pre_hook(
+                        lambda m, a, key=(s, b): start.__setitem__(key, counter.get_total_flops())))
+                    handles.append(block.register_forward_hook(
+                        lambda m, a, o, key=(s, b): per_block.__setitem__(key, counter.get_total_flops() - start[key])))
+            try:
+                with _all_modes_kept(model), counter:
+                    model.eval()
+                    model(torch.zeros(1, channels, *hw, device=param.device, dtype=param.dtype))
+            finally:
+                for h in handles:
+                    h.remove()
+            counted[hw] = (counter.get_total_flops(), per_block)
+        return counted[hw]
+
+    full_total, _ = count((height, width))
+    out = []
+    for plan in plans:
+        total, per_block = count((height, width) if plan.input_size is None else (plan.input_size, plan.input_size))
+        skipped = sum(per_block[(s, b)] for s, (stage, kept) in enumerate(zip(stages, plan.blocks))
+                      for b in range(stage.depth) if b not in kept)
+        out.append((total - skipped) / full_total)
+    return out
