@@ -173,19 +173,28 @@ class StimulativeTask(TrainingTask):
         self._recalibration_due = True
 
     def before_validate(self, train_loader: Iterable, amp_autocast: Callable = nullcontext) -> int:
-        """Re-estimate the full network's BN statistics on `recalibrate_bn` training images, once per
-        epoch (reduced across ranks when distributed); returns the images used (0 when off or done)."""
+        """Re-estimate the BN statistics of the full network, and of its EMA copy when the task keeps one, on
+        `recalibrate_bn` training images (the same images for both), once per epoch (reduced across ranks when
+        distributed); returns the images used (0 when off or done)."""
         num_images = self.config.recalibrate_bn if self._recalibration_due else 0
         self._recalibration_due = False
         if num_images <= 0:
             return 0
+        models = [self.model]
+        ema = self.get_trainable_module(ema=True)
+        if ema is not None:
+            models.append(getattr(ema, 'module', ema))  # timm's ModelEma* keeps the copy in .module
         images = (batch[0] if isinstance(batch, (tuple, list)) else batch for batch in train_loader)
-        seen = recalibrate_bn(self.model, (x.to(self.device) for x in images), num_images, autocast=amp_autocast)
+        seen = recalibrate_bn(models, images, num_images, autocast=amp_autocast)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:
-                distribute_bn(self.model, torch.distributed.get_world_size(), True)
+                live_device = next(self.model.parameters()).device
+                for model in models:  # an EMA kept on the CPU only (model_ema_force_cpu) is not reduced
+                    if next(model.parameters()).device == live_device:
+                        distribute_bn(model, torch.distributed.get_world_size(), True)
         if self.verbose:
-            _logger.info(f'Re-estimated BatchNorm statistics on {seen} training images (epoch {self.epoch})')
+            which = 'the model and its EMA' if len(models) > 1 else 'the model'
+            _logger.info(f'Re-estimated BatchNorm statistics of {which} on {seen} training images (epoch {self.epoch})')
         return seen
 
     def current_coef(self) -> float:
