@@ -16,7 +16,6 @@ recipe, runnable with `timm-st train -c recipe.yaml`).
 Everything is written into a temporary folder first: a failure leaves no partial export behind.
 """
 import argparse
-import csv
 import math
 import os
 import shutil
@@ -32,15 +31,14 @@ import yaml
 
 import timm
 from timm.data import resolve_data_config
-from timm.models import clean_state_dict, save_for_hf
+from timm.models import save_for_hf
 from timm.models._hub import generate_readme
 
 from .. import __version__
-from .run_folder import read_checkpoint
+from .run_folder import (CHECKPOINT_FILES, TIMM_ST_TRAIN, RunFolderError, build_model, checkpoint_weights,
+                         read_run)
 
 __all__ = ['PublishError', 'export_checkpoint', 'publish', 'main', 'CHECKPOINT_FILES', 'CITATIONS']
-
-CHECKPOINT_FILES = {'best': 'model_best.pth.tar', 'last': 'last.pth.tar'}
 
 # keys of args.yaml that describe this machine or this run's files, not the training recipe
 _LOCAL_KEYS = ('data_dir', 'output', 'experiment', 'resume', 'device', 'device_modules', 'config',
@@ -86,112 +84,30 @@ class PublishError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# reading a training output folder
+# the run folder and the checkpoint chosen for publishing
 
 class TrainingRun:
-    """What `timm-st train` left in an output folder, with one checkpoint chosen and loaded."""
+    """A run folder (read by `run_folder.read_run`) with one checkpoint chosen for publishing."""
 
     def __init__(self, output_dir: Union[str, Path], checkpoint: str = 'best', ema: bool = False):
-        self.output_dir = Path(output_dir)
-        if not self.output_dir.is_dir():
-            raise PublishError(f'output folder {str(self.output_dir)!r} does not exist; pass the folder of a '
-                               f'`timm-st train` run (the one holding args.yaml, results.json and the checkpoints)')
+        try:
+            self.folder = read_run(output_dir)
+            if self.folder.written_by == TIMM_ST_TRAIN and self.folder.results is None:
+                raise PublishError(f'no results file {str(self.folder.path / "results.json")!r}: `timm-st train` '
+                                   f'writes results.json when the run finishes; finish (or resume) the run before '
+                                   f'publishing it')
+            self.checkpoint_path = self.folder.checkpoint_path(checkpoint)
+            self.checkpoint = self.folder.read_checkpoint(checkpoint)
+            self.state_dict = checkpoint_weights(self.checkpoint, self.checkpoint_path, ema)
+        except RunFolderError as e:
+            raise PublishError(str(e)) from None
+        self.output_dir = self.folder.path
         self.checkpoint_name = checkpoint
         self.ema = ema
-        self.results = self._read_results()
-        self.checkpoint_path = self._find_checkpoint(checkpoint)
-        self.checkpoint = self._load_checkpoint(self.checkpoint_path)
-        self.args = self._read_args()
-        self.summary = self._read_summary()
+        self.args = self.folder.args
+        self.summary = self.folder.summary
+        self.results: Dict[str, Any] = self.folder.results or {}  # train.py runs write none
         self.epoch = self.checkpoint.get('epoch')
-        self.state_dict = self._select_weights()
-
-    # files
-    def _read_results(self) -> Dict[str, Any]:
-        import json
-        path = self.output_dir / 'results.json'
-        if not path.is_file():
-            raise PublishError(f'no results file {str(path)!r}: `timm-st train` writes results.json when the run '
-                               f'finishes; finish (or resume) the run before publishing it')
-        try:
-            results = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise PublishError(f'results file {str(path)!r} is not valid JSON ({e}); it is corrupt') from None
-        if not isinstance(results, dict) or 'model' not in results:
-            raise PublishError(f'results file {str(path)!r} is not a timm-st results.json (no "model" entry)')
-        return results
-
-    def _find_checkpoint(self, checkpoint: str) -> Path:
-        name = CHECKPOINT_FILES.get(checkpoint, checkpoint)
-        path = Path(name) if os.path.isabs(name) else self.output_dir / name
-        if path.is_file():
-            return path
-        found = sorted(p.name for p in self.output_dir.glob('*.pth.tar'))
-        hint = (f'checkpoints there: {found}; choose one with --checkpoint best|last|FILE' if found else
-                'the folder holds no checkpoint (*.pth.tar); was the run stopped before its first evaluation?')
-        raise PublishError(f'no checkpoint {str(path)!r} ({checkpoint}); {hint}')
-
-    @staticmethod
-    def _load_checkpoint(path: Path) -> Dict[str, Any]:
-        try:
-            checkpoint = read_checkpoint(path)
-        except ValueError as e:
-            raise PublishError(f'{e}; choose another one with --checkpoint (e.g. last)') from None
-        if not isinstance(checkpoint.get('state_dict'), dict):
-            raise PublishError(f'checkpoint {str(path)!r} holds no model weights ("state_dict"); it is not a '
-                               f'checkpoint written by `timm-st train`')
-        return checkpoint
-
-    def _read_args(self) -> Dict[str, Any]:
-        path = self.output_dir / 'args.yaml'
-        if path.is_file():
-            try:
-                args = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as e:
-                raise PublishError(f'{str(path)!r} is not valid YAML ({e})') from None
-            if isinstance(args, dict):
-                return args
-        saved = self.checkpoint.get('args')
-        if isinstance(saved, argparse.Namespace):
-            return vars(saved)
-        raise PublishError(f'no training arguments: {str(path)!r} is missing and the checkpoint holds no args; '
-                           f'the model cannot be rebuilt')
-
-    def _read_summary(self) -> List[Dict[str, float]]:
-        path = self.output_dir / 'summary.csv'
-        if not path.is_file():
-            return []
-        rows = []
-        with open(path, newline='') as f:
-            for row in csv.DictReader(f):
-                parsed = {}
-                for key, value in row.items():
-                    try:
-                        parsed[key] = float(value)
-                    except (TypeError, ValueError):
-                        pass
-                rows.append(parsed)
-        return rows
-
-    def _select_weights(self) -> Dict[str, torch.Tensor]:
-        key = 'state_dict_ema' if self.ema else 'state_dict'
-        state_dict = self.checkpoint.get(key)
-        if not isinstance(state_dict, dict) or not state_dict:
-            if self.ema:
-                raise PublishError(f'--ema: checkpoint {str(self.checkpoint_path)!r} holds no EMA weights (train '
-                                   f'with --model-ema / `model_ema: true` to keep them); publish without --ema')
-            raise PublishError(f'checkpoint {str(self.checkpoint_path)!r} holds no model weights')
-        state_dict = clean_state_dict(state_dict)
-        for name, tensor in state_dict.items():
-            if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise PublishError(f'checkpoint {str(self.checkpoint_path)!r}: weight {name!r} holds NaN or inf '
-                                   f'(the run diverged?); refusing to publish it')
-        return state_dict
-
-    # derived facts
-    @property
-    def has_ema(self) -> bool:
-        return bool(self.checkpoint.get('state_dict_ema'))
 
     @property
     def model_name(self) -> str:
@@ -207,9 +123,15 @@ class TrainingRun:
         return section if isinstance(section, dict) else None
 
     @property
+    def eval_on_train(self) -> bool:
+        """Whether the run 'validated' on its training data (explicit `eval_on_train`)."""
+        return bool(self.args.get('eval_on_train'))
+
+    @property
     def last_epoch(self) -> Optional[int]:
-        if self.summary and 'epoch' in self.summary[-1]:
-            return int(self.summary[-1]['epoch'])
+        epochs = self.folder.column('epoch')
+        if epochs:
+            return int(epochs[-1])
         epochs = self.results.get('epochs')
         return epochs - 1 if isinstance(epochs, int) else None
 
@@ -218,15 +140,18 @@ class TrainingRun:
         return self.epoch is not None and self.epoch == self.last_epoch
 
     def metrics_at_checkpoint(self, ema: bool) -> Dict[str, float]:
-        """Full-network top1/top5 of the chosen checkpoint's epoch (plain or EMA weights)."""
-        prefix = 'eval_ema_' if ema else 'eval_'
-        for row in self.summary:
-            if self.epoch is not None and int(row.get('epoch', -1)) == self.epoch:
-                out = {k: row[prefix + k] for k in ('top1', 'top5', 'loss') if prefix + k in row}
-                if out:
-                    return out
+        """Full-network top1/top5/loss of the chosen checkpoint's epoch (plain or EMA weights); {} if not recorded."""
+        epochs = self.folder.column('epoch') or []
+        if self.epoch is not None and self.epoch in epochs:
+            row = epochs.index(self.epoch)
+            out = {}
+            for metric in ('top1', 'top5', 'loss'):
+                values = self.folder.eval_column(metric, ema)
+                if values is not None and values[row] is not None:
+                    out[metric] = values[row]
+            return out
         full = self.results.get('full') or {}
-        if self.is_last or not self.summary:
+        if self.is_last or not epochs:
             prefix = 'ema_' if ema else ''
             return {k: full[prefix + k] for k in ('top1', 'top5', 'loss') if prefix + k in full}
         return {}
@@ -236,26 +161,11 @@ class TrainingRun:
 # building the export
 
 def _create_model(run: TrainingRun) -> torch.nn.Module:
-    """The architecture as `timm-st train` built it (no pretrained download), with the chosen weights."""
-    a = run.args
-    model_kwargs = a.get('model_kwargs') or {}
-    if not timm.is_model(run.model_name):
-        raise PublishError(f'model {run.model_name!r} of this run is not a timm model in this environment')
+    """The architecture as the run built it (the shared `build_model`), with the chosen weights."""
     try:
-        model = timm.create_model(
-            run.model_name, pretrained=False, in_chans=a.get('in_chans'), num_classes=run.num_classes,
-            drop_rate=a.get('drop') or 0.0, drop_path_rate=a.get('drop_path'), drop_block_rate=a.get('drop_block'),
-            global_pool=a.get('gp'), bn_momentum=a.get('bn_momentum'), bn_eps=a.get('bn_eps'), **model_kwargs)
-    except Exception as e:
-        raise PublishError(f'cannot build {run.model_name!r} with the run\'s arguments '
-                           f'({type(e).__name__}: {e})') from None
-    try:
-        model.load_state_dict(run.state_dict, strict=True)
-    except RuntimeError as e:
-        raise PublishError(f'the weights in {str(run.checkpoint_path)!r} do not fit {run.model_name!r} built with the '
-                           f'run\'s arguments: {str(e).splitlines()[0][:300]}...') from None
-    return model.eval()
-
+        return build_model(run.args, num_classes=run.num_classes, state_dict=run.state_dict).eval()
+    except RunFolderError as e:
+        raise PublishError(f'{e} (checkpoint {str(run.checkpoint_path)!r})') from None
 
 def _data_config(run: TrainingRun, model: torch.nn.Module) -> Dict[str, Any]:
     """The evaluation preprocessing of the run (as train.py resolved it; size and crop as results.json records)."""
@@ -295,7 +205,14 @@ def _dataset(run: TrainingRun, dataset_id: Optional[str]):
 
 
 def _method(stimulative: Optional[Dict[str, Any]]):
-    """(short tag, description, list of ST++ strategies used)."""
+    """(short tag, description, list of ST++ strategies used), named from the settings, never from file names.
+
+    CT: no `stimulative:` section, or no sub-network loss (`num_subnets: 0` or `coef: 0`) on plain logits.
+    `num_subnets: 0` with the KL- loss is not CT: the main network trains on layer-normalised logits ('ctnorm').
+    ST++: ST plus any of the ST++ strategies: the KL- loss, several sub-networks per step, random smaller
+    sub-network inputs, or one of the paper's inter-stage sampling spaces (space1..space7). A space the
+    user writes per stage (max_drop / min_keep) only narrows the sampling and does not by itself make ST++.
+    """
     if stimulative is None:
         return 'ct', 'common training (CT, no stimulative loss)', []
     from ..method.config import StimulativeConfig
@@ -303,15 +220,22 @@ def _method(stimulative: Optional[Dict[str, Any]]):
         config = StimulativeConfig.from_dict(stimulative)
     except ValueError:  # written by another timm-st version: describe it as is
         return 'st', 'stimulative training', []
-    if config.num_subnets == 0:
-        return 'ct', 'common training (CT, `num_subnets: 0`)', []
+    normalized = config.subnet_loss.normalized_logits
+    if config.num_subnets == 0 or config.coef == 0:
+        why = '`num_subnets: 0`' if config.num_subnets == 0 else '`coef: 0`'
+        if normalized:
+            return ('ctnorm', f'common training on layer-normalised logits (no sub-networks, {why}; '
+                              f'`loss: {config.loss}` normalises the main logits)', [])
+        return 'ct', f'common training (CT, {why})', []
     strategies = []
-    if config.loss == 'kl_direction':
-        strategies.append('KL- loss (aligns only the direction of the logits)')
+    if normalized:
+        strategies.append(f'KL- loss `{config.loss}` (aligns only the direction of the logits)')
+    if config.num_subnets > 1:
+        strategies.append(f'{config.num_subnets} sub-networks per step')
     if config.input_scale is not None:
         strategies.append(f'random smaller inputs for sub-networks (side scale {config.input_scale[0]:g}-'
                           f'{config.input_scale[1]:g})')
-    if config.sampler == 'ordered' and config.sample_space != 'default':
+    if config.sampler == 'ordered' and isinstance(config.sample_space, str) and config.sample_space != 'default':
         strategies.append(f'inter-stage sampling rule (sample space {config.sample_space})')
     if strategies:
         return 'stpp', 'stimulative training++ (ST++)', strategies
@@ -413,7 +337,8 @@ def _model_card(run: TrainingRun, model: torch.nn.Module, data_config: Dict[str,
     if not repo_id:
         usage += "\nFrom a local copy of this folder: `timm.create_model('local-dir:PATH', pretrained=True)`.\n"
 
-    card = {'tags': ['image-classification', 'timm', 'timm-st'] + (['stimulative-training'] if tag != 'ct' else []),
+    stimulative_tag = ['stimulative-training'] if tag in ('st', 'stpp') else []
+    card = {'tags': ['image-classification', 'timm', 'timm-st'] + stimulative_tag,
             'license': license, 'library_name': 'timm', 'description': description, 'details': details,
             'usage': usage}
     text = generate_readme(card, model_name)
@@ -431,7 +356,10 @@ def _model_card(run: TrainingRun, model: torch.nn.Module, data_config: Dict[str,
 def _results_section(run: TrainingRun, tag: str) -> str:
     which = 'EMA' if run.ema else 'plain'
     text = '\n## Results\n'
-    text += (f'Evaluated by `timm-st train` on the validation split (`{run.args.get("val_split", "validation")}`) at '
+    split = (f'**the training data** (`{run.args.get("train_split", "train")}`, explicit `eval_on_train`: these '
+             f'numbers are not held-out accuracy)' if run.eval_on_train else
+             f'the validation split (`{run.args.get("val_split", "validation")}`)')
+    text += (f'Evaluated by `{run.folder.written_by}` on {split} at '
              f'{run.results.get("eval_input_size", ["?", "?", "?"])[-1]} px, crop_pct '
              f'{run.results.get("eval_crop_pct")}; top-1 / top-5 accuracy in %.\n\n')
     text += '| Network | Weights | Top-1 | Top-5 |\n|---|---|---|---|\n'
@@ -461,8 +389,9 @@ def _results_section(run: TrainingRun, tag: str) -> str:
             text += (f'\nSub-networks were evaluated at the end of training on the final plain weights (full '
                      f'network on those: top-1 {_fmt(full.get("top1"))}, top-5 {_fmt(full.get("top5"))}), '
                      f'not on the published weights.\n')
+        trained_subnets = tag in ('st', 'stpp')
         text += ('\nA sub-network keeps a prefix of the residual blocks of each stage (the others are skipped); '
-                 + ('stimulative training makes these sub-networks strong on their own.\n' if tag != 'ct' else
+                 + ('stimulative training makes these sub-networks strong on their own.\n' if trained_subnets else
                     'this common-training run is a baseline for them.\n'))
         text += '\n<details><summary>Evaluated sub-networks (blocks kept per stage)</summary>\n\n'
         text += '| Blocks kept | Top-1 | Top-5 |\n|---|---|---|\n'
@@ -473,7 +402,8 @@ def _results_section(run: TrainingRun, tag: str) -> str:
         text += f'\nSub-networks were not evaluated: {subnets["skipped"]}.\n'
     best_epoch = run.results.get('best_epoch')
     if best_epoch is not None:
-        text += (f'\nBest epoch by `{run.args.get("eval_metric", "top1")}` (plain weights): {best_epoch + 1} '
+        weights = 'EMA weights' if run.folder.ema_validated else 'plain weights'
+        text += (f'\nBest epoch by `{run.args.get("eval_metric", "top1")}` ({weights}): {best_epoch + 1} '
                  f'({_fmt(run.results.get("best_metric"))}).\n')
     return text
 
@@ -529,10 +459,11 @@ def _cost_section(run: TrainingRun) -> str:
     device = run.results.get('device') or a.get('device') or 'not recorded'
     batch = a.get('batch_size')
     accum = a.get('grad_accum_steps') or 1
+    evaluated = [v for v in (run.folder.column('eval_loss') or []) if v is not None]
     lines = [f'- **Epochs:** {a.get("epochs") or run.results.get("epochs")}'
-             + (f' ({len(run.summary)} evaluated)' if run.summary else '')]
-    rates = [r['train_img_per_sec'] for r in run.summary if 'train_img_per_sec' in r]
-    times = [r['train_epoch_time'] for r in run.summary if 'train_epoch_time' in r]
+             + (f' ({len(run.summary)} recorded, {len(evaluated)} evaluated)' if run.summary else '')]
+    rates = [v for v in (run.folder.column('train_img_per_sec') or []) if v is not None]
+    times = [v for v in (run.folder.column('train_epoch_time') or []) if v is not None]
     if rates:
         lines.append(f'- **Throughput:** {sum(rates) / len(rates):.1f} training images/s (mean over {len(rates)} '
                      f'logged epochs, all devices together)')

@@ -31,7 +31,8 @@ PathLike = Union[str, Path]
 CHECKPOINT_FILES = {'best': 'model_best.pth.tar', 'last': 'last.pth.tar'}
 # files (and checkpoint patterns) that make a folder a run folder; what `clear_run` removes
 RUN_FILES = ('args.yaml', 'summary.csv', 'results.json', 'last.pth.tar', 'model_best.pth.tar')
-RUN_PATTERNS = ('checkpoint-*.pth.tar', 'recovery-*.pth.tar', 'tmp.pth.tar')
+RUN_PATTERNS = ('checkpoint-*.pth.tar', 'milestone-*.pth.tar', 'recovery-*.pth.tar', 'recovery_tmp.pth.tar',
+                'tmp.pth.tar')
 # key of args.yaml by which timm-st train marks its own runs (train.py's args.yaml has no such key)
 WRITTEN_BY_KEY = 'written_by'
 TIMM_ST_TRAIN = 'timm-st train'
@@ -72,13 +73,14 @@ def holds_run(path: PathLike) -> bool:
         next(path.glob(pattern), None) is not None for pattern in RUN_PATTERNS)
 
 
-def _number(value: Optional[str]) -> Optional[float]:
+def _number(value: Optional[str]) -> Union[float, str, None]:
+    """A summary.csv cell: a number, None when empty, else the text (e.g. eval_split)."""
     if value is None or value.strip() == '':
         return None
     try:
         return float(value)
     except ValueError:
-        return None
+        return value
 
 
 def _read_summary(path: Path) -> List[Dict[str, Optional[float]]]:

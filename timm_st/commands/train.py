@@ -8,18 +8,18 @@ the sub-network evaluation, and the output files (`summary.csv` with sub-network
 time and throughput; `results.json` with full-network and sub-network accuracy).
 """
 import inspect
-import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
-from typing import Dict, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
-import yaml
 
 import timm
 from timm import utils
@@ -37,8 +37,10 @@ from ..method.config import StimulativeConfig
 from ..method.task import StimulativeTask
 from .digits import materialize_digits
 from .recipe import RecipeError, check_run, parse_args
+from .run_folder import (RUN_FILES, build_model, clear_run, holds_run, read_checkpoint, write_args, write_results,
+                         write_summary_row)
 
-__all__ = ['main', 'train']
+__all__ = ['main', 'train', 'TrainingStopped']
 
 _logger = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ def _build_datasets(args):
                   batch_size=args.batch_size, input_img_mode=input_img_mode)
     try:
         train = create_dataset(name, split=args.train_split, is_training=True, **common)
-        val = create_dataset(name, split=args.val_split, is_training=False, **common)
+        val = create_dataset(name, split=args.train_split if args.eval_on_train else args.val_split,
+                             is_training=False, **common)
     except Exception as e:
         _fail(f'cannot read dataset {args.dataset or "image folder"!r} at {root!r}: {e}. An image folder needs '
               f'{args.train_split}/<class>/ and {args.val_split}/<class>/ subfolders with images.')
@@ -126,11 +129,124 @@ def _train_criterion(args, mixup_active: bool) -> torch.nn.Module:
     if args.smoothing:
         return BinaryCrossEntropy(smoothing=args.smoothing, **bce) if args.bce_loss else LabelSmoothingCrossEntropy(
             smoothing=args.smoothing)
-    return BinaryCrossEntropy(**bce) if args.bce_loss else torch.nn.CrossEntropyLoss()
+    return torch.nn.CrossEntropyLoss()  # train.py: bce_loss without mixup or smoothing is still cross-entropy
 
 
-def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
-    """Run a training job; returns the final results (also written to results.json)."""
+class TrainingStopped(RuntimeError):
+    """Training stopped before its end (non-finite loss, Ctrl-C); the message says where to resume from."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _run_folder(args) -> Optional[Path]:
+    """OUTPUT/EXPERIMENT when the experiment is named (else it gets a timestamped name later)."""
+    return Path(args.output or './output/train') / args.experiment if args.experiment else None
+
+
+def _auto_resume(args) -> str:
+    """`--resume auto`: the run folder's last.pth.tar, or '' (a fresh run) when it holds no checkpoint yet."""
+    folder = _run_folder(args)
+    if folder is None:
+        _fail('--resume auto continues OUTPUT/EXPERIMENT in place: give the run a name with --experiment NAME')
+    last = folder / 'last.pth.tar'
+    return str(last) if last.is_file() else ''
+
+
+def _run_folder_mode(folder: Path, args, resume_path: str, resume_auto: bool) -> str:
+    """How this command may use `folder`: 'fresh', 'resume' (continue in place) or 'overwrite'; refuses the rest.
+
+    Runs are never overwritten by accident: a folder that holds a run is used only to continue it (a checkpoint
+    inside it) or with the explicit `overwrite` option.
+    """
+    if not holds_run(folder):
+        return 'fresh'
+    inside = bool(resume_path) and Path(resume_path).resolve().parent == folder.resolve()
+    if inside and args.overwrite:
+        _fail(f'--overwrite would delete {resume_path!r}, the checkpoint this run resumes from; drop --overwrite to '
+              f'continue the run in place, or resume into another --experiment')
+    if inside:
+        return 'resume'
+    if args.overwrite:
+        return 'overwrite'
+    if resume_auto and not (folder / 'summary.csv').exists() and not any(folder.glob('*.pth.tar')):
+        return 'fresh'  # a run stopped before its first checkpoint: nothing to resume, start it again
+    found = sorted(n for n in os.listdir(folder) if n in RUN_FILES or n.endswith('.pth.tar'))
+    last = folder / 'last.pth.tar'
+    how = f'continue it with --resume {last} (or --resume auto), ' if last.is_file() else ''
+    _fail(f'run folder {str(folder)!r} already holds a run ({", ".join(found[:6])}); {how}pass --overwrite to '
+          f'replace it, or choose another --experiment')
+
+
+def _check_run_options(args) -> None:
+    if args.stop_epoch is not None and not 1 <= args.stop_epoch <= args.epochs:
+        _fail(f'--stop-epoch {args.stop_epoch}: must be within 1..epochs ({args.epochs}); it stops the full schedule '
+              f'early after that many epochs')
+    if args.save_epochs is not None:
+        bad = [e for e in args.save_epochs if not 1 <= e <= args.epochs]
+        if bad:
+            _fail(f'--save-epochs {bad}: milestones are completed-epoch counts within 1..epochs ({args.epochs})')
+        if not hasattr(utils.CheckpointSaver, 'save_milestone'):
+            _fail(f'save_epochs needs timm >= 1.0.31 (milestone checkpoints; installed: {timm.__version__}); '
+                  f'pip install -U timm, or remove save_epochs')
+    if args.max_nonfinite_steps < 0:
+        _fail(f'max_nonfinite_steps must be >= 0 (0 = never stop on a NaN/inf loss), got {args.max_nonfinite_steps}')
+
+
+def _rewind(folder: Path, start_epoch: int, saver) -> None:
+    """Before continuing a run in place from epoch `start_epoch`: remove what the epochs being redone wrote
+    (their checkpoints, a best checkpoint from them, and results.json: the run is no longer finished)."""
+    for path in folder.glob('checkpoint-*.pth.tar'):
+        if path.name[len('checkpoint-'):-len('.pth.tar')].isdigit() and int(path.name[11:-8]) >= start_epoch:
+            path.unlink()
+    for path in folder.glob('milestone-*.pth.tar'):
+        if path.name[len('milestone-'):-len('.pth.tar')].isdigit() and int(path.name[10:-8]) > start_epoch:
+            path.unlink()
+    best = folder / 'model_best.pth.tar'
+    if best.is_file() and read_checkpoint(best).get('epoch', -1) >= start_epoch:
+        kept = folder / f'checkpoint-{saver.best_epoch}.pth.tar' if saver.best_epoch is not None else None
+        best.unlink()
+        if kept is not None and kept.is_file():
+            os.link(kept, best)
+    if (folder / 'results.json').exists():
+        (folder / 'results.json').unlink()
+
+
+def _resume_command(folder: Path, argv: Optional[Sequence[str]]) -> str:
+    """The command line that continues this run in place."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    drop = {'--resume', '--output', '--experiment', '--overwrite'}
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = a != '--overwrite'
+            continue
+        if a.split('=')[0] in drop:
+            continue
+        kept.append(a)
+    if kept and kept[0] == 'train':
+        kept = kept[1:]
+    return shlex.join(['timm-st', 'train', *kept, '--output', str(folder.parent), '--experiment', folder.name,
+                       '--resume', 'auto'])
+
+
+def _checkpoint_text(folder: Optional[Path], saved_epoch: Optional[int]) -> str:
+    last = folder / 'last.pth.tar' if folder is not None else None
+    if last is None or not last.is_file():
+        return 'no checkpoint was written yet'
+    return f'last checkpoint: {last}' + (f' (end of epoch {saved_epoch})' if saved_epoch is not None else '')
+
+
+def train(args, config: Optional[StimulativeConfig], argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Run a training job; returns the final results (also written to results.json).
+
+    Raises RecipeError for input that cannot run (before any work) and TrainingStopped when training stops early
+    (non-finite loss, Ctrl-C).
+    """
     utils.setup_default_logging()
     if args.device_modules:
         import importlib
@@ -138,7 +254,16 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
             importlib.import_module(module)
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    resume_auto = args.resume == 'auto'
+    if resume_auto:
+        args.resume = _auto_resume(args)
     check_run(args, config, runner='timm-st train')
+    _check_run_options(args)
+    resume_path = args.resume
+    folder = _run_folder(args)
+    folder_mode = _run_folder_mode(folder, args, resume_path, resume_auto) if folder is not None else None
+    if resume_auto:
+        args.resume = 'auto'  # args.yaml records the command as given: re-running it is idempotent
     dataset_train, dataset_eval = _build_datasets(args)
     num_data_classes = _dataset_classes(dataset_train)
     if args.num_classes is None:
@@ -160,11 +285,7 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    model = timm.create_model(
-        args.model, pretrained=args.pretrained, in_chans=args.in_chans, num_classes=args.num_classes,
-        drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
-        global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
-        checkpoint_path=args.initial_checkpoint or None, **args.model_kwargs)
+    model = build_model(args, pretrained=args.pretrained, checkpoint_path=args.initial_checkpoint)
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
@@ -186,13 +307,15 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
     else:
         task = ClassificationTask(model, criterion=criterion, device=device, verbose=primary)
 
-    if not args.lr:
+    if not args.lr:  # as timm's train.py, which also records the scaling rule it chose in args
         global_batch = args.batch_size * args.world_size * args.grad_accum_steps
         ratio = global_batch / args.lr_base_size
-        scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
-        args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+        if not args.lr_base_scale:
+            args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+        args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
         if primary:
-            _logger.info(f'Learning rate {args.lr} from lr_base {args.lr_base}, global batch {global_batch}, {scale} scaling')
+            _logger.info(f'Learning rate {args.lr} from lr_base {args.lr_base}, global batch {global_batch}, '
+                         f'{args.lr_base_scale} scaling')
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
 
     amp_autocast, loss_scaler = nullcontext, None
@@ -203,16 +326,16 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
             loss_scaler = utils.NativeScaler(device=device.type)
 
     resume_epoch = None
-    if args.resume:
+    if resume_path:
         resume_epoch = resume_task_checkpoint(
-            task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+            task, resume_path, optimizer=None if args.no_resume_opt else optimizer,
             loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
-        if args.resume:
+        if resume_path:
             from timm.task import load_task_ema_checkpoint
-            load_task_ema_checkpoint(task, args.resume)
+            load_task_ema_checkpoint(task, resume_path)
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         if task.has_ema():
@@ -255,6 +378,11 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
         optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
         updates_per_epoch=updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    end_epoch = min(num_epochs, args.stop_epoch) if args.stop_epoch is not None else num_epochs
+    if folder_mode == 'resume' and start_epoch >= end_epoch:
+        print(f'Nothing to do: {folder} is complete ({start_epoch} of {end_epoch} epochs done); '
+              f'raise --epochs or --stop-epoch to train further.', flush=True)
+        return {}
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -262,69 +390,117 @@ def train(args, config: Optional[StimulativeConfig]) -> Dict[str, object]:
             lr_scheduler.step(start_epoch)
 
     output_dir, saver = None, None
-    if primary:
-        exp_name = args.experiment or '-'.join([
+    if folder is None:  # a timestamped name, as train.py; it may exist only if started in the same second
+        folder = Path(args.output or './output/train') / '-'.join([
             time.strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
-        output_dir = utils.get_outdir(args.output or './output/train', exp_name)
+        folder_mode = _run_folder_mode(folder, args, resume_path, resume_auto)
+    if primary:
+        # the first write of the run: everything above can still fail without touching the folder
+        if folder_mode == 'overwrite':
+            removed = clear_run(folder)
+            _logger.info(f'--overwrite: removed the earlier run\'s files from {folder}: {removed}')
+        output_dir = utils.get_outdir(str(folder.parent), folder.name)
         saver = utils.CheckpointSaver(
             model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=args.eval_metric == 'loss',
             max_history=args.checkpoint_hist, task=task)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(vars(args), f, default_flow_style=False)
-        _logger.info(f'Output: {output_dir}')
+        if folder_mode == 'resume':
+            if hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.31: ranked history and best metric
+                saver.load_state_dict_from_checkpoint(resume_path)
+            _rewind(folder, start_epoch, saver)
+        write_args(output_dir, args)
+        _logger.info(f'Output: {output_dir}' + (' (continuing the run in place)' if folder_mode == 'resume' else ''))
     wandb = _init_wandb(args, output_dir) if primary and args.log_wandb else None
 
     validate_kwargs = dict(autocast=amp_autocast, channels_last=args.channels_last, distributed=args.distributed,
                            max_samples=eval_limit)
-    best_metric, best_epoch, eval_metrics = None, None, None
-    for epoch in range(start_epoch, num_epochs):
-        if hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        if isinstance(task, StimulativeTask):
-            task.set_epoch(epoch)
-        train_metrics = _train_one_epoch(
-            epoch, num_epochs, task, loader_train, optimizer, args, device, lr_scheduler, amp_autocast,
-            loss_scaler, mixup_fn, saver)
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
-        last = epoch + 1 == num_epochs
-        if (epoch + 1) % args.val_interval != 0 and not last:
-            if lr_scheduler is not None:
-                lr_scheduler.step(epoch + 1, metric=None)
-            continue
-        if isinstance(task, StimulativeTask):
-            task.before_validate(loader_train, amp_autocast)
-        eval_metrics = validate(eval_model, loader_eval, device, **validate_kwargs)
-        if task.has_ema() and not args.model_ema_force_cpu:
-            ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, device, **validate_kwargs)
-            eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
-        if primary:
-            _logger.info(f'Eval epoch {epoch}: loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.3f}  '
-                         f'top5 {eval_metrics["top5"]:.3f}')
+    ema_validated = task.has_ema() and not args.model_ema_force_cpu
+    metric_key = ('ema_' if ema_validated else '') + args.eval_metric  # as train.py: EMA metric when EMA is on
+    milestones = set(args.save_epochs or ())
+    best_metric = saver.best_metric if saver is not None else None
+    best_epoch = saver.best_epoch if saver is not None else None
+    saved_epoch = resume_epoch - 1 if folder_mode == 'resume' and resume_epoch else None
+    eval_metrics = None
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            if hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            if isinstance(task, StimulativeTask):
+                task.set_epoch(epoch)
+            train_metrics = _train_one_epoch(
+                epoch, num_epochs, task, loader_train, optimizer, args, device, lr_scheduler, amp_autocast,
+                loss_scaler, mixup_fn, folder, saved_epoch)
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
             lrs = [g['lr'] for g in optimizer.param_groups]
-            utils.update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
-                                 lr=sum(lrs) / len(lrs), write_header=best_metric is None and epoch == start_epoch)
-            if wandb is not None:
-                wandb.log({'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
-                           **{f'eval_{k}': v for k, v in eval_metrics.items()}})
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+            row = OrderedDict((f'train_{k}', v) for k, v in train_metrics.items())
+            row['lr'] = sum(lrs) / len(lrs)
+            done = epoch + 1
+            if done % args.val_interval != 0 and done != end_epoch and done not in milestones:
+                if primary:  # a row without validation: its eval columns stay empty
+                    write_summary_row(output_dir, epoch, row)
+                if lr_scheduler is not None:
+                    lr_scheduler.step(done, metric=None)
+                continue
+            if isinstance(task, StimulativeTask):
+                task.before_validate(loader_train, amp_autocast)
+            eval_metrics = validate(eval_model, loader_eval, device, **validate_kwargs)
+            if ema_validated:
+                if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                    utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
+                ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, device, **validate_kwargs)
+                eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+            if primary:
+                on = ' (on TRAINING data: eval_on_train)' if args.eval_on_train else ''
+                _logger.info(f'Eval epoch {epoch}{on}: loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.3f}'
+                             f'  top5 {eval_metrics["top5"]:.3f}')
+                row.update((f'eval_{k}', v) for k, v in eval_metrics.items())
+                if args.eval_on_train:
+                    row['eval_split'] = args.train_split
+                write_summary_row(output_dir, epoch, row)
+                if wandb is not None:
+                    wandb.log({'epoch': epoch, **row})
+                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[metric_key])
+                saved_epoch = epoch
+                if done in milestones:
+                    saver.save_milestone(done)
+            if lr_scheduler is not None:
+                lr_scheduler.step(done, eval_metrics[metric_key])
+    except KeyboardInterrupt:
+        if args.distributed:
+            torch.distributed.destroy_process_group()
+        raise TrainingStopped(
+            f'interrupted in epoch {epoch}; {_checkpoint_text(folder, saved_epoch)}. Continue with: '
+            f'{_resume_command(folder, argv)}', exit_code=130) from None
 
+    if end_epoch < num_epochs:  # stop_epoch: the run is not finished, nothing claims a final result
+        if primary:
+            print(f'Stopped after {end_epoch} of {num_epochs} epochs (stop_epoch); {_checkpoint_text(folder, saved_epoch)}. '
+                  f'Continue with: {_resume_command(folder, argv)}', flush=True)
+        if args.distributed:
+            torch.distributed.destroy_process_group()
+        return {}
     results = _final_results(args, config, task, eval_model, eval_metrics, loader_eval, device, validate_kwargs,
                              best_metric, best_epoch, dataset_train, data_config)
     if primary:
-        with open(os.path.join(output_dir, 'results.json'), 'w') as f:
-            json.dump(results, f, indent=2)
+        write_results(output_dir, results)
         _print_summary(results, output_dir)
     if args.distributed:
         torch.distributed.destroy_process_group()
     return results
 
 
+def _nonfinite_stop(epoch: int, step: int, limit: int, folder: Optional[Path], saved_epoch: Optional[int]):
+    return TrainingStopped(
+        f'the training loss was NaN or inf for {limit} consecutive steps (epoch {epoch}, step {step}); training '
+        f'stopped and nothing after the last checkpoint was saved ({_checkpoint_text(folder, saved_epoch)}). Lower the '
+        f'learning rate (or check the data, amp, clip_grad) and resume from that checkpoint with --resume',
+        exit_code=1)
+
+
 def _train_one_epoch(epoch, num_epochs, task, loader, optimizer, args, device, lr_scheduler, amp_autocast,
-                     loss_scaler, mixup_fn, saver) -> Dict[str, float]:
+                     loss_scaler, mixup_fn, folder, saved_epoch) -> Dict[str, float]:
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and getattr(loader, 'mixup_enabled', False):
             loader.mixup_enabled = False
@@ -338,6 +514,10 @@ def _train_one_epoch(epoch, num_epochs, task, loader, optimizer, args, device, l
     num_updates = epoch * updates_per_epoch
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     subnet_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # non-finite guard on the device: no host sync per step; read where the progress line syncs anyway
+    limit = args.max_nonfinite_steps
+    streak = torch.zeros((), dtype=torch.int64, device=device)
+    stop_step = torch.full((), -1, dtype=torch.int64, device=device)
     num_samples = num_subnet_samples = 0
     progress = _Progress(num_batches, f'Train {epoch}/{num_epochs}', utils.is_primary(args), args.log_interval)
     start = time.time()
@@ -370,6 +550,10 @@ def _train_one_epoch(epoch, num_epochs, task, loader, optimizer, args, device, l
                     optimizer.step()
         batch_size = x.shape[0]
         loss_sum += loss.detach().double() * steps_in_group * batch_size
+        if limit:  # the unscaled loss: fp16 loss-scale overflows (skipped steps) are not counted
+            streak = torch.where(torch.isfinite(loss.detach()), torch.zeros_like(streak), streak + 1)
+            stop_step = torch.where((stop_step < 0) & (streak >= limit), torch.full_like(stop_step, batch_idx),
+                                    stop_step)
         num_samples += batch_size
         subnet_loss = getattr(task, 'subnet_loss', None)
         if subnet_loss is not None:
@@ -381,8 +565,14 @@ def _train_one_epoch(epoch, num_epochs, task, loader, optimizer, args, device, l
             task.update_ema(step=num_updates)
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
-        if progress.enabled and (progress.bar is not None or batch_idx % progress.log_interval == 0
-                                 or batch_idx == num_batches - 1):
+        check = batch_idx % progress.log_interval == 0 or batch_idx == num_batches - 1
+        if limit and check:
+            if args.distributed:  # every rank stops together
+                torch.distributed.all_reduce(stop_step, op=torch.distributed.ReduceOp.MAX)
+            if stop_step.item() >= 0:
+                progress.close()
+                raise _nonfinite_stop(epoch, int(stop_step.item()), limit, folder, saved_epoch)
+        if progress.enabled and (progress.bar is not None or check):
             lr = optimizer.param_groups[0]['lr']
             progress.update(batch_idx, f'loss {loss_sum.item() / num_samples:.4f}  lr {lr:.3e}')
     progress.close()
@@ -406,6 +596,7 @@ def _final_results(args, config, task, eval_model, eval_metrics, loader_eval, de
         epochs=args.epochs, method=('common' if config is None or config.num_subnets == 0 else 'stimulative'),
         stimulative=args.stimulative, eval_input_size=list(data_config['input_size']),
         eval_crop_pct=data_config['crop_pct'], class_names=_class_names(dataset_train),
+        eval_split=args.train_split if args.eval_on_train else args.val_split, eval_on_train=args.eval_on_train,
         full=eval_metrics, best_metric=best_metric, best_epoch=best_epoch,
         world_size=args.world_size, device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu')
     space = 'default'
@@ -432,6 +623,8 @@ def _print_summary(results, output_dir) -> None:
         line += (f'\nSub-networks ({subnets["count"]} of space {subnets["space"]!r}): top1 '
                  f'{subnets["top1_mean"]:.2f} +- {subnets["top1_std"]:.2f}% '
                  f'(min {subnets["top1_min"]:.2f}, max {subnets["top1_max"]:.2f})')
+    if results.get('eval_on_train'):
+        line += f'\n(evaluated on the TRAINING data, split {results["eval_split"]!r}: not held-out accuracy)'
     print(f'{line}\nResults: {os.path.join(output_dir, "results.json")}', flush=True)
 
 
@@ -447,10 +640,17 @@ def _init_wandb(args, output_dir):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 done, 2 input refused before any work, 1 training stopped (non-finite loss), 130 Ctrl-C."""
     try:
         args, config = parse_args(argv)
-        train(args, config)
+        train(args, config, argv)
     except RecipeError as e:
         print(f'timm-st train: error: {e}', file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f'timm-st train: {"error: " if e.exit_code != 130 else ""}{e}', file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print('timm-st train: interrupted before training started; nothing was trained', file=sys.stderr)
+        return 130
     return 0

@@ -1,6 +1,6 @@
 """BatchNorm handling for sub-network passes, and re-estimation of running statistics."""
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Iterable, Iterator, Optional
+from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -29,37 +29,41 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def recalibrate_bn(
-        model: nn.Module,
+        model: Union[nn.Module, Sequence[nn.Module]],
         loader: Iterable,
         num_images: int,
         device: Optional[torch.device] = None,
         autocast: Callable[[], ContextManager] = nullcontext,
 ) -> int:
-    """Re-estimate the running statistics of `model`'s norm layers on `num_images` training images.
+    """Re-estimate the running statistics of the norm layers of `model` (or of several models, e.g. the live
+    model and its EMA, from the same images in one pass) on `num_images` training images.
 
     Statistics are reset and re-accumulated as an equal-weight average over batches
     (momentum=None), with the full network in train mode, as the authors do before each
-    validation. Returns the number of images used. In distributed runs each rank estimates on
-    its own shard; reduce afterwards (timm's `distribute_bn`) to make ranks agree.
+    validation. Returns the number of images used. Each batch goes to the device of each model's
+    parameters (`device` if given). In distributed runs each rank estimates on its own shard;
+    reduce afterwards (timm's `distribute_bn`) to make ranks agree.
     """
-    norms = _stat_norms(model)
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    norms = [m for each in models for m in _stat_norms(each)]
     if not norms or num_images <= 0:
         return 0
     momenta = [m.momentum for m in norms]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
-    was_training = model.training
+    was_training = [each.training for each in models]
+    devices = [device or next(each.parameters(), torch.empty(0)).device for each in models]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
+    for each in models:
+        each.train()
     seen = 0
     try:
         for batch in loader:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if device is not None:
-                x = x.to(device)
-            with autocast():
-                model(x)
+            for each, where in zip(models, devices):
+                with autocast():
+                    each(x.to(where))
             seen += x.shape[0]
             if seen >= num_images:
                 break
@@ -74,5 +78,6 @@ def recalibrate_bn(
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        model.train(was_training)
+        for each, training in zip(models, was_training):
+            each.train(training)
     return seen
