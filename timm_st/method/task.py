@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from timm.task import TrainingTask
 from timm.utils import distribute_bn
 
-from .adapters import subnet_stages, use_subnet, stage_depths
+from .adapters import Stage, subnet_stages, use_subnet, stage_depths
 from .batchnorm import frozen_running_stats, recalibrate_bn
 from .config import StimulativeConfig
 from .losses import normalize_logits
@@ -39,17 +39,34 @@ __all__ = ['StimulativeTask']
 _logger = logging.getLogger(__name__)
 
 
-class _ModelRunner(nn.Module):
-    """What DDP wraps: the model as `module` (so timm's `unwrap_model` finds it), called either
-    through the main (possibly compiled) path or eagerly for a sub-network."""
+# Calling contexts in which a compiled block runs, each with its own graph (dynamo guards on BatchNorm
+# flags, train/eval mode and grad mode): full-network training pass, sub-network pass (running
+# statistics frozen), evaluation, BatchNorm re-estimation (momentum None, no grad).
+_BLOCK_CONTEXTS = 4
+# Shape buckets per block and context under dynamic shapes: dynamo specialises a dimension of size 1,
+# so a block whose input has a side (or batch) of 1 gets one more graph; every other size shares one.
+_SHAPE_BUCKETS = 2
+_requested_recompiles = 0  # graphs all compile() calls may need (dynamo's limit counts per code object)
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.module = model
-        object.__setattr__(self, 'main', model)  # not registered: may be a compiled wrapper of `module`
 
-    def forward(self, x: torch.Tensor, subnet: bool = False) -> torch.Tensor:
-        return self.module(x) if subnet else self.main(x)
+def block_kinds(stages: Iterable[Stage]) -> int:
+    """Distinct block kinds of the stages: blocks whose module trees print alike (class, widths, strides,
+    drop rates) trace to the same graphs, so compiled code is shared between them (dynamo inlines
+    modules without guarding their identity; before torch 2.5 it does guard it: every block is a kind)."""
+    blocks = [block for stage in stages for block in stage.container._modules.values()]
+    if torch.__version__ < '2.5':
+        return len(blocks)
+    return len({repr(block) for block in blocks})
+
+
+def _raise_recompile_limit(graphs: int) -> None:
+    """Let dynamo keep `graphs` more graphs of one compiled function (it counts per code object, and
+    every in-place compiled module shares `nn.Module._call_impl`); past the limit it would run eagerly."""
+    global _requested_recompiles
+    _requested_recompiles += graphs
+    config = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+    setattr(config, name, max(getattr(config, name), _requested_recompiles))
 
 
 class _SubnetStep:
@@ -74,7 +91,7 @@ class _SubnetStep:
                 last = i == len(self.plans) - 1
                 x = resize_input(self.x, plan.input_size)
                 with use_subnet(task.stages, plan), task._subnet_norm_context():
-                    output = task._run(x, subnet=True, sync=last)
+                    output = task._run(x, sync=last)
                     with torch.autocast(self.device_type, enabled=False):
                         loss = task._subnet_loss(output.float(), self.teacher, self.target)
                     (loss * (self.coef * grad)).backward()
@@ -136,7 +153,7 @@ class StimulativeTask(TrainingTask):
                 f'pass num_epochs (got {num_epochs!r})')
         self.num_epochs = num_epochs
         self.trainable_module = model
-        object.__setattr__(self, '_runner', _ModelRunner(model))
+        object.__setattr__(self, '_bare_model', model)  # not registered again: `trainable_module` is
         criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.criterion = criterion.to(self.device) if isinstance(criterion, nn.Module) else criterion
         self.epoch = 0
@@ -163,8 +180,8 @@ class StimulativeTask(TrainingTask):
 
     @property
     def model(self) -> nn.Module:
-        """The bare model (no DDP, no compile wrapper)."""
-        return self._runner.module
+        """The bare model (no DDP wrapper; `compile()` compiles it in place)."""
+        return self._bare_model
 
     # --- step -------------------------------------------------------------------------------
 
@@ -205,12 +222,12 @@ class StimulativeTask(TrainingTask):
             return 0
         return self.config.num_subnets
 
-    def _run(self, x: torch.Tensor, subnet: bool, sync: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, sync: bool) -> torch.Tensor:
         """Run the model; through DDP (whose backward reduces gradients) only when `sync`."""
         module = self.trainable_module
         if sync and isinstance(module, DistributedDataParallel):
-            return module(x, subnet=subnet)
-        return self._runner(x, subnet=subnet)
+            return module(x)
+        return self.model(x)
 
     def _logits_for_loss(self, logits: torch.Tensor) -> torch.Tensor:
         if self.config.subnet_loss.normalized_logits:
@@ -236,7 +253,7 @@ class StimulativeTask(TrainingTask):
         """
         self.subnet_loss = None
         num_subnets = self._subnets_this_step()
-        output = self._run(input, subnet=False, sync=num_subnets == 0)
+        output = self._run(input, sync=num_subnets == 0)
         logits = self._logits_for_loss(output)
         loss = self.criterion(logits, target)
         if num_subnets == 0:
@@ -248,11 +265,28 @@ class StimulativeTask(TrainingTask):
     # --- timm task contract -------------------------------------------------------------------
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the full-network path; sub-networks run eagerly (no recompilation per plan)."""
-        compiled = torch.compile(self.model, backend=backend, mode=mode, **compile_kwargs)
-        object.__setattr__(self._runner, 'main', compiled)
-        self.eval_model = compiled
-        return compiled
+        """Compile the model in place (`nn.Module.compile`: same module, same state_dict keys; an EMA
+        copy made afterwards is an eager copy) and return it, the eval model.
+
+        With sub-networks (a sampler), every block of the stages is compiled on its own (regional
+        compilation), with dynamic shapes: `use_subnet` narrows the stage containers, which run eagerly,
+        so the full network and every sub-network run the same compiled blocks, and the sizes ST++
+        draws share one graph. The compilations are bounded by
+        `block_kinds(stages) x 4 contexts (full-network pass, sub-network pass, evaluation, BatchNorm
+        re-estimation) x 2 shape buckets (some input dimension of size 1, or none)`, whatever plans and
+        sizes are drawn; dynamo's recompile limit is raised to that bound. Stem and head run eagerly.
+        Without sub-networks the whole model is compiled, as timm does. `dynamic` defaults to True
+        for the blocks; other keyword arguments go to `torch.compile`.
+        """
+        if self.stages is None:
+            self.model.compile(backend=backend, mode=mode, **compile_kwargs)
+            return self.model
+        _raise_recompile_limit(block_kinds(self.stages) * _BLOCK_CONTEXTS * _SHAPE_BUCKETS)
+        compile_kwargs.setdefault('dynamic', True)
+        for stage in self.stages:
+            for block in stage.container._modules.values():
+                block.compile(backend=backend, mode=mode, **compile_kwargs)
+        return self.model
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'StimulativeTask':
         """Wrap the model in DDP. With sub-networks, `find_unused_parameters` is required (a
@@ -265,12 +299,12 @@ class StimulativeTask(TrainingTask):
             ddp_kwargs['find_unused_parameters'] = True
         if device_ids is not None and all(torch.device(d).type == 'cpu' for d in device_ids):
             device_ids = None  # DDP takes no device_ids for CPU modules
-        self.trainable_module = DistributedDataParallel(self._runner, device_ids=device_ids, **ddp_kwargs)
+        self.trainable_module = DistributedDataParallel(self.model, device_ids=device_ids, **ddp_kwargs)
         return self
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
-        if module is None and not ema and not hasattr(self, 'eval_model'):
-            return self.model
+        if module is None and not ema:
+            return self.model  # compiled in place by `compile()`; never the DDP wrapper
         return super().get_eval_model(module=module, ema=ema)
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:

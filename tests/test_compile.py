@@ -1,0 +1,217 @@
+"""Compiled steps: every block compiled on its own (full network and sub-networks), a bounded number
+of compilations over many ST++ steps, gradients equal to the eager step's; GPU precision checks."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch._dynamo.utils import counters
+
+from timm_st import StimulativeTask
+from timm_st.method.task import block_kinds
+
+from conftest import PLANS, FixedSampler, assert_grads_close, batch, clone, grads
+
+ST_PP = {'num_subnets': 6, 'input_scale': [0.43, 1.0], 'loss': 'kl_direction'}
+
+
+class CountingBackend:
+    """A dynamo backend that runs the captured graph as it is (so results are bit-identical to eager)
+    and counts the graphs it compiled and the times compiled code ran."""
+
+    def __init__(self):
+        self.graphs = 0
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+        return run
+
+
+class PlanLog:
+    """Records the plans a task's sampler draws."""
+
+    def __init__(self, sampler):
+        self.plans = []
+        draw = sampler.sample
+
+        def sample(**kwargs):
+            plan = draw(**kwargs)
+            self.plans.append(plan)
+            return plan
+        sampler.sample = sample
+
+
+def tiny_cifar_resnet(widths=(8, 8, 16)):
+    torch.manual_seed(0)
+    return timm.create_model('resnet20_cifar', widths=widths, num_classes=7).train()
+
+
+def test_compilations_bounded_by_block_kinds_over_many_st_pp_steps():
+    """40 ST++ steps (240 sub-networks of many plans and input sizes): the graphs compiled stay within
+    block kinds x 2 training contexts (full network, sub-network) x 1 shape bucket (no dimension of
+    size 1 at these sizes), every block of every pass runs compiled code, and the gradients are
+    bit-identical to the eager step's."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_cifar_resnet()
+    eager_model = clone(model)
+    backend = CountingBackend()
+    task = StimulativeTask(model, ST_PP, verbose=False)
+    assert task.compile(backend=backend) is model
+    eager = StimulativeTask(eager_model, ST_PP, verbose=False)
+    log = PlanLog(task.sampler)
+    steps = 40
+    for step in range(steps):
+        x, y = batch(n=2, size=32, seed=step)
+        task(x, y)['loss'].backward()
+        eager(x, y)['loss'].backward()
+
+    kinds = block_kinds(task.stages)
+    assert kinds == 4  # 8 blocks alike (8 channels, stages 1-2), 2 projecting first blocks, 2 blocks of 16
+    assert len({p.input_size for p in log.plans}) > 2 * kinds and len(set(log.plans)) > 2 * kinds
+    assert kinds <= backend.graphs <= 2 * kinds
+    assert counters['stats']['unique_graphs'] == backend.graphs
+    total_blocks = sum(s.depth for s in task.stages)
+    assert backend.calls == steps * total_blocks + sum(sum(p.depths) for p in log.plans)
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert model.state_dict().keys() == eager_model.state_dict().keys()
+
+
+def test_shape_bucket_for_size_one_dimensions():
+    """Sizes down to 1x1 feature maps (resnet18 at 16-32 px): at most one more graph per kind and context."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=7).train()
+    backend = CountingBackend()
+    task = StimulativeTask(model, ST_PP, verbose=False)
+    task.compile(backend=backend)
+    for step in range(6):
+        task(*batch(n=2, size=32, seed=step))['loss'].backward()
+    assert backend.graphs <= block_kinds(task.stages) * 2 * 2
+
+
+@pytest.mark.parametrize('backend', ['aot_eager', pytest.param('inductor', marks=pytest.mark.slow)])
+def test_compiled_step_matches_eager_without_recompiling(resnet, backend):
+    torch._dynamo.reset()
+    counters.clear()
+    config = {'num_subnets': 2}
+    ref_model = clone(resnet)
+    task = StimulativeTask(resnet, config, sampler=FixedSampler(PLANS), verbose=False)
+    task.compile(backend=backend)
+    eager = StimulativeTask(ref_model, config, sampler=FixedSampler(PLANS), verbose=False)
+    for step in range(4):
+        x, y = batch(seed=step)
+        task(x, y)['loss'].backward()
+        eager(x, y)['loss'].backward()
+        if step == 1:  # both plan cycles (PLANS has 3, two per step) have been seen
+            graphs = counters['stats']['unique_graphs']
+    assert counters['stats']['unique_graphs'] == graphs, 'a repeated plan or size recompiled'
+    assert_grads_close(grads(resnet), grads(ref_model), rel=1e-5)
+    assert task.get_eval_model() is resnet
+
+
+def test_inductor_st_pp_step_matches_eager():
+    """The default backend, end to end, on a tiny model of two block kinds (plain, projecting):
+    ST++ sub-networks run inductor code."""
+    torch._dynamo.reset()
+    model = tiny_cifar_resnet(widths=(8, 8, 8))
+    ref_model = clone(model)
+    task = StimulativeTask(model, ST_PP, verbose=False)
+    task.compile()
+    eager = StimulativeTask(ref_model, ST_PP, verbose=False)
+    for step in range(1):
+        x, y = batch(n=2, size=16, seed=step)
+        task(x, y)['loss'].backward()
+        eager(x, y)['loss'].backward()
+    assert_grads_close(grads(model), grads(ref_model), rel=1e-5)
+
+
+def test_common_training_compiles_whole_model_in_place(resnet):
+    torch._dynamo.reset()
+    ref_model = clone(resnet)
+    backend = CountingBackend()
+    task = StimulativeTask(resnet, {'num_subnets': 0}, verbose=False)
+    assert task.compile(backend=backend) is resnet and task.get_eval_model() is resnet
+    eager = StimulativeTask(ref_model, {'num_subnets': 0}, verbose=False)
+    x, y = batch()
+    task(x, y)['loss'].backward()
+    eager(x, y)['loss'].backward()
+    assert backend.graphs == 1 and backend.calls == 1
+    for (name, p), q in zip(resnet.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert resnet.state_dict().keys() == ref_model.state_dict().keys()
+
+
+@pytest.mark.parametrize('ema_first', [True, False], ids=['ema-then-compile', 'compile-then-ema'])
+def test_ema_with_compiled_model(ema_first):
+    """Both orders give an EMA that follows its own weights (a copy made after compile() is eager, not
+    bound to the live blocks), and compile_ema() validates like the eager EMA."""
+    torch._dynamo.reset()
+    model = tiny_cifar_resnet()
+    task = StimulativeTask(model, {'num_subnets': 1}, verbose=False)
+    if ema_first:
+        task.setup_ema(decay=0.5)
+        task.compile(backend='aot_eager')
+    else:
+        task.compile(backend='aot_eager')
+        task.setup_ema(decay=0.5)
+    ema = task.get_trainable_module(ema=True).module
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    task(*batch())['loss'].backward()
+    opt.step()
+    task.update_ema(step=5)
+    task.compile_ema(backend='aot_eager')
+    x, _ = batch(seed=7)
+    reference = copy.deepcopy(ema).eval()
+    ema.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(task.get_eval_model(ema=True)(x), reference(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ema(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+# --- GPU precision checks (skipped without CUDA) ------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+def _gpu_step(model, x, y, amp_dtype=None, scaler=None, compile_backend=None):
+    task = StimulativeTask(model, {**ST_PP, 'num_subnets': 3}, verbose=False)
+    if compile_backend:
+        task.compile(backend=compile_backend)
+    with torch.autocast('cuda', dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = task(x, y)['loss']
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.scale(loss).backward()
+        return {n: p.grad / scale for n, p in model.named_parameters()}
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@cuda
+@pytest.mark.parametrize('variant', ['fp16-scaler', 'bf16', 'channels-last', 'compile', 'bf16-channels-last-compile'])
+def test_gpu_gradients_match_fp32_eager(variant):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    base = timm.create_model('resnet18', num_classes=10).cuda().train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 64, 64, generator=g).cuda()
+    y = torch.randint(0, 10, (16,), generator=g).cuda()
+    reference = _gpu_step(copy.deepcopy(base), x, y)
+    model = copy.deepcopy(base)
+    amp = {'fp16-scaler': torch.float16, 'bf16': torch.bfloat16, 'bf16-channels-last-compile': torch.bfloat16}
+    if 'channels-last' in variant:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler('cuda', init_scale=1024.0) if variant == 'fp16-scaler' else None
+    got = _gpu_step(model, x, y, amp_dtype=amp.get(variant), scaler=scaler,
+                    compile_backend='inductor' if 'compile' in variant else None)
+    rel = {'fp16-scaler': 2e-2, 'bf16': 5e-2, 'bf16-channels-last-compile': 5e-2}.get(variant, 1e-4)
+    assert_grads_close(got, reference, rel=rel)
