@@ -1,42 +1,66 @@
-"""Recipes: YAML files whose keys are timm `train.py` argument names, plus a `stimulative:` section.
+"""Recipes and the one validation of a run, for every route.
 
-`build_parser()` declares every timm `train.py` option that `timm-st train` implements, with the
-same name, meaning and default; `parse_args()` reads a recipe, rejects keys it does not support
-(a silently ignored key would make an unfair comparison), applies command-line overrides and
-validates the `stimulative:` section.
+A recipe is a YAML file whose keys are timm `train.py` argument names, plus a `stimulative:`
+section. `build_parser()` declares every timm `train.py` option that `timm-st train` implements,
+with the same name, meaning and default. The checks here are shared by `timm-st train` and by
+timm's own `train.py` through `timm_st.commands.hook`:
+
+* `check_keys`: every recipe key is one the runner honours (a silently ignored key would make an
+  unfair comparison);
+* `check_values`: each value fits its option (type, list length, choices); numeric strings, which
+  YAML 1.1 reads for `3e-4`, are converted as the command line would;
+* `check_run`: the whole run (recipe + command line) before any work: ranges, device, data folder,
+  checkpoints, optimizer and scheduler names, and the option combinations (`check_combinations`).
+
+Every refusal is a `RecipeError` whose one-line message names the key or path and the fix.
 """
 import argparse
+import difflib
+import inspect
+import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import textwrap
+from dataclasses import fields
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import timm
+import torch
 import yaml
 
-from ..method.config import StimulativeConfig
-from .run_folder import read_checkpoint
+from ..method.config import DESCRIPTIONS, StimulativeConfig
+from .run_folder import build_model, checkpoint_weights, read_checkpoint
 
-__all__ = ['RecipeError', 'build_parser', 'parse_args', 'load_recipe', 'check_run', 'EXTRA_KEYS']
+__all__ = ['RecipeError', 'build_parser', 'parse_args', 'load_recipe', 'check_keys', 'check_values', 'check_run',
+           'check_combinations', 'stimulative_config', 'TIMM_ST_TRAIN', 'TASK_FACTORY']
 
 
 class RecipeError(ValueError):
-    """A recipe or command line that cannot run; the message says what and how to fix it."""
+    """A recipe or command line that cannot run; the one-line message says what and how to fix it."""
+
+    def __init__(self, message: str):
+        super().__init__(' '.join(str(message).split()))
 
 
-# keys of ours, not timm's: a recipe mapping, and the number of sub-networks evaluated at the end
-EXTRA_KEYS = ('stimulative', 'eval_subnets')
+TIMM_ST_TRAIN = 'timm-st train'
 # the task factory a recipe names for timm's train.py with patches/ applied; timm-st train builds that task itself
 TASK_FACTORY = 'timm_st.commands.hook:create_task'
+# options given as key=value pairs on the command line and as a mapping in a recipe
+_MAPPING_KEYS = ('model_kwargs', 'opt_kwargs', 'task_kwargs')
 
 _FLAG = dict(action='store_true')
 
 
-def _kwargs_pairs(values: List[str]) -> Dict[str, Any]:
+def _kwargs_pairs(option: str, values: Sequence[str]) -> Dict[str, Any]:
+    """`key=value ...` (values read as YAML) -> mapping, as timm's ParseKwargs."""
     out = {}
     for item in values:
         key, sep, value = item.partition('=')
-        if not sep:
-            raise argparse.ArgumentTypeError(f'expected key=value, got {item!r}')
-        out[key] = yaml.safe_load(value)
+        if not sep or not key:
+            raise RecipeError(f'--{option.replace("_", "-")}: expected key=value, got {item!r}')
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise RecipeError(f'--{option.replace("_", "-")}: value of {key!r} is not valid YAML: {value!r}') from None
     return out
 
 
@@ -189,23 +213,38 @@ _OPTIONS: Sequence[Tuple[str, Dict[str, Any]]] = (
     ('wandb_project', dict(default=None)),
     ('wandb_tags', dict(nargs='+', default=[])),
     # ours
-    ('eval_subnets', dict(type=int, default=10,
+    ('eval_subnets', dict(type=int, default=20,
                           help='sub-networks of the sampling space evaluated at the end (results.json); 0 = off')),
 )
-_DEFAULTS = {name: kw.get('default') for name, kw in _OPTIONS}
 
 
-def build_parser(prog: str = 'timm-st train') -> argparse.ArgumentParser:
+def _stimulative_help() -> str:
+    lines = ["Keys of a recipe's stimulative: section, also settable with --stimulative KEY=VALUE ... "
+             '(values are YAML; default in brackets):']
+    for f in fields(StimulativeConfig):
+        lines += textwrap.wrap(f'{f.name} [{f.default}]: {DESCRIPTIONS[f.name]}', 100,
+                               initial_indent='  ', subsequent_indent='      ')
+    return '\n'.join(lines)
+
+
+def build_parser(prog: str = TIMM_ST_TRAIN) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description='Train a timm model with a timm-st recipe (common or stimulative training).')
+        prog=prog, description='Train a timm model with a timm-st recipe (common or stimulative training).',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='recipe YAML')
     for name, kwargs in _OPTIONS:
         parser.add_argument('--' + name.replace('_', '-'), dest=name, **kwargs)
+    group = parser.add_argument_group('stimulative training', _stimulative_help())
+    group.add_argument('--stimulative', nargs='+', default=None, metavar='KEY=VALUE',
+                       help="set single keys of the recipe's stimulative: section (without one: stimulative "
+                            'training with the defaults below), e.g. --stimulative num_subnets=2 loss=kl_direction')
     return parser
 
 
 def load_recipe(path: str) -> Dict[str, Any]:
     """Read a recipe file: a mapping of timm train.py argument names (and `stimulative:`)."""
+    if os.path.isdir(path):
+        raise RecipeError(f'recipe {path!r} is a folder; pass the path of a recipe YAML file (see recipes/)')
     if not os.path.isfile(path):
         raise RecipeError(f'recipe {path!r} does not exist; pass the path of a recipe YAML (see recipes/)')
     with open(path) as f:
@@ -220,42 +259,99 @@ def load_recipe(path: str) -> Dict[str, Any]:
     return recipe
 
 
-def _check_value(name: str, value: Any, kwargs: Dict[str, Any]) -> Any:
+# --- keys and values --------------------------------------------------------------------------
+
+def check_keys(keys: Collection[str], known: Collection[str], runner: str,
+               timm_st_train_keys: Collection[str] = ()) -> None:
+    """Refuse recipe keys the runner will not honour; `timm_st_train_keys`: those `timm-st train` would."""
+    unknown = sorted(k for k in keys if k not in known)
+    if not unknown:
+        return
+    problems = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+        if key in timm_st_train_keys:
+            problems.append(f'{key!r} (an option of timm-st train that this runner lacks: upgrade timm\'s train.py '
+                            f'to a version that has --{key.replace("_", "-")}, run the recipe with timm-st train, '
+                            f'or remove the key)')
+        elif close:
+            problems.append(f'{key!r} (did you mean {close[0]!r}?)')
+        else:
+            problems.append(f'{key!r}')
+    raise RecipeError(
+        f'recipe key(s) {unknown} not supported by {runner}: {", ".join(problems)}. A silently ignored key would train '
+        f'something else than the recipe says: fix the spelling (timm train.py option names with underscores, '
+        f'e.g. weight_decay) or remove the key.')
+
+
+def _action_takes_mapping(action: argparse.Action) -> bool:
+    return action.dest in _MAPPING_KEYS or type(action).__name__ == 'ParseKwargs'
+
+
+def _convert(value: Any, to) -> Tuple[bool, Any]:
+    """(ok, converted) for one element: numbers for numeric options (numeric strings converted), text for others."""
+    if isinstance(value, bool):
+        return False, value
+    if to is float:
+        if isinstance(value, (int, float)):
+            return True, value
+    elif to is int:
+        if isinstance(value, int):
+            return True, value
+    elif to is None or to is str:
+        return isinstance(value, str), value
+    if isinstance(value, str):
+        try:
+            return True, to(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            return False, value
+    return to not in (int, float), value
+
+
+def _type_name(to) -> str:
+    return {float: 'a number', int: 'an integer', None: 'a string', str: 'a string'}.get(to, 'a value')
+
+
+def _check_value(name: str, value: Any, action: argparse.Action) -> Any:
     if value is None:
+        return None
+    if action.nargs == 0:  # a flag
+        if not isinstance(value, bool):
+            raise RecipeError(f'recipe key {name!r}: expected true or false, got {value!r}')
         return value
-    expected = kwargs.get('type')
-    if kwargs.get('action') == 'store_true':
-        ok = isinstance(value, bool)
-        what = 'true or false'
-    elif kwargs.get('nargs') in ('+', '*', 3) and name not in ('model_kwargs', 'opt_kwargs'):
-        value = list(value) if isinstance(value, (list, tuple)) else [value]
-        ok = all(_is_type(v, expected) for v in value)
-        what = f'a list of {_type_name(expected)}'
-    elif name in ('model_kwargs', 'opt_kwargs'):
-        ok = isinstance(value, dict)
-        what = 'a mapping'
+    if _action_takes_mapping(action):
+        if not isinstance(value, dict):
+            raise RecipeError(f'recipe key {name!r}: expected a mapping (e.g. {{key: value}}), got {value!r}')
+        return value
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        if isinstance(action.nargs, int) and not (isinstance(value, (list, tuple)) and len(value) == action.nargs):
+            raise RecipeError(f'recipe key {name!r}: expected a list of {action.nargs} values, got {value!r}')
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if action.nargs == '+' and not items:
+            raise RecipeError(f'recipe key {name!r}: expected a non-empty list, got {value!r}')
+        converted = [_convert(v, action.type) for v in items]
+        if not all(ok for ok, _ in converted):
+            raise RecipeError(f'recipe key {name!r}: expected a list of {_type_name(action.type)}s, got {value!r}')
+        value = [v for _, v in converted]
+        bad = [v for v in value if action.choices is not None and v not in action.choices]
     else:
-        ok = _is_type(value, expected)
-        what = _type_name(expected)
-    if not ok:
-        raise RecipeError(f'recipe key {name!r}: expected {what}, got {value!r}')
-    if 'choices' in kwargs and value not in kwargs['choices']:
-        raise RecipeError(f'recipe key {name!r}: got {value!r}; allowed: {list(kwargs["choices"])}')
+        ok, value = _convert(value, action.type)
+        if not ok:
+            raise RecipeError(f'recipe key {name!r}: expected {_type_name(action.type)}, got {value!r}')
+        bad = [value] if action.choices is not None and value not in action.choices else []
+    if bad:
+        raise RecipeError(f'recipe key {name!r}: got {bad[0]!r}; allowed: {list(action.choices)}')
     return value
 
 
-def _is_type(value: Any, expected) -> bool:
-    if isinstance(value, bool):
-        return expected is None and False
-    if expected is float:
-        return isinstance(value, (int, float))
-    if expected is int:
-        return isinstance(value, int)
-    return isinstance(value, str)
+def check_values(recipe: Mapping[str, Any], parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """Check recipe values against the parser's options (timm-st train's or train.py's) -> converted values.
 
-
-def _type_name(expected) -> str:
-    return {float: 'a number', int: 'an integer'}.get(expected, 'a string')
+    As timm's newest train.py config loader: numeric strings become numbers for numeric options,
+    a scalar where a fixed-length list is expected and a value outside `choices` are refused.
+    """
+    actions = {a.dest: a for a in parser._actions}
+    return {name: _check_value(name, value, actions[name]) for name, value in recipe.items() if name in actions}
 
 
 def _check_task_keys(recipe: Dict[str, Any]) -> None:
@@ -266,7 +362,20 @@ def _check_task_keys(recipe: Dict[str, Any]) -> None:
     task_kwargs = recipe.pop('task_kwargs', None)
     if task_kwargs:
         raise RecipeError(f'recipe key task_kwargs: {task_kwargs!r}; timm-st train takes ST settings from the '
-                          f'stimulative: section only')
+                          f'stimulative: section (or --stimulative KEY=VALUE) only')
+
+
+def stimulative_config(section: Any) -> Optional[StimulativeConfig]:
+    """A recipe's `stimulative:` section (None: common training) -> validated config."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise RecipeError(f'recipe key stimulative: expected a mapping of stimulative-training settings, '
+                          f'got {section!r}')
+    try:
+        return StimulativeConfig.from_dict(section)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _parse(parse, argv):
@@ -284,67 +393,358 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     parser = build_parser()
     pre, _ = _parse(parser.parse_known_args, argv)
     recipe = load_recipe(pre.config) if pre.config else {}
-    options = dict(_OPTIONS)
     _check_task_keys(recipe)
-    unknown = sorted(k for k in recipe if k not in options and k != 'stimulative')
-    if unknown:
-        raise RecipeError(
-            f'recipe key(s) {unknown} not supported by timm-st train (a silently ignored key would make an unfair '
-            f'comparison). Check the spelling (timm train.py names with underscores, e.g. weight_decay); for options '
-            f'timm-st train does not implement, run timm\'s own train.py with this recipe (see README).')
-    stimulative = recipe.pop('stimulative', None)
-    if stimulative is not None and not isinstance(stimulative, dict):
-        raise RecipeError(f'recipe key stimulative: expected a mapping, got {stimulative!r}')
-    for name, value in recipe.items():
-        recipe[name] = _check_value(name, value, options[name])
-    parser.set_defaults(**recipe)
+    section = recipe.pop('stimulative', None)
+    options = [name for name, _ in _OPTIONS]
+    check_keys(recipe, options, TIMM_ST_TRAIN)
+    if section is not None and not isinstance(section, dict):
+        stimulative_config(section)  # refuses it
+    parser.set_defaults(**check_values(recipe, parser))
     args = _parse(parser.parse_args, argv)
     for name in ('model_kwargs', 'opt_kwargs'):
         value = getattr(args, name)
         if isinstance(value, list):
-            setattr(args, name, _kwargs_pairs(value))
-    try:
-        config = StimulativeConfig.from_dict(stimulative) if stimulative is not None else None
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
-    args.stimulative = stimulative
+            setattr(args, name, _kwargs_pairs(name, value))
+    if args.stimulative is not None:  # command-line overrides of single keys
+        section = {**(section or {}), **_kwargs_pairs('stimulative', args.stimulative)}
+    config = stimulative_config(section)
+    args.stimulative = section
     return args, config
 
+
+# --- the whole run ------------------------------------------------------------------------------
 
 def _fail(message: str) -> None:
     raise RecipeError(message)
 
 
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _need(args, name: str, ok, allowed: str) -> None:
+    """Refuse `args.name` (when the runner has the option and it is set) unless `ok(value)`."""
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    try:
+        good = bool(ok(value))
+    except (TypeError, ValueError):
+        good = False
+    if not good:
+        _fail(f'{name} must be {allowed}, got {value!r} (set it in the recipe or with {_flag(name)})')
+
+
+def _check_ranges(args) -> None:
+    def at_least(low):
+        return lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+    def number(low=0.0, high=math.inf, low_open=False, high_open=False):
+        return lambda v: _finite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    def each(ok):
+        return lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(ok(x) for x in v)
+
+    for name, low in (('epochs', 1), ('batch_size', 1), ('validation_batch_size', 1), ('grad_accum_steps', 1),
+                      ('img_size', 1), ('in_chans', 1), ('num_classes', 1), ('val_interval', 1), ('log_interval', 1),
+                      ('workers', 0), ('eval_subnets', 0), ('warmup_epochs', 0), ('cooldown_epochs', 0),
+                      ('checkpoint_hist', 1), ('stop_epoch', 1), ('max_nonfinite_steps', 0), ('lr_base_size', 1)):
+        _need(args, name, at_least(low), f'>= {low} (an integer)')
+    for name in ('input_size',):
+        _need(args, name, lambda v: len(v) == 3 and each(at_least(1))(v), 'three integers >= 1 (channels, height, '
+                                                                          'width)')
+    for name in ('train_img_sizes', 'train_batch_sizes', 'save_epochs'):
+        _need(args, name, each(at_least(1)), 'a list of integers >= 1')
+    for name in ('lr', 'warmup_lr', 'min_lr', 'weight_decay', 'momentum', 'mixup', 'cutmix', 'lr_noise_pct',
+                 'lr_noise_std', 'color_jitter', 'aug_repeats'):
+        _need(args, name, number(), 'a finite number >= 0')
+    for name in ('lr_base', 'crop_pct', 'clip_grad', 'decay_rate', 'lr_cycle_mul', 'lr_k_decay', 'opt_eps'):
+        _need(args, name, number(low_open=True), 'a finite number > 0')
+    for name in ('smoothing', 'drop', 'drop_path', 'drop_block'):
+        _need(args, name, number(high=1.0, high_open=True), 'a number in [0, 1)')
+    for name in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'color_jitter_prob',
+                 'grayscale_prob', 'gaussian_blur_prob'):
+        _need(args, name, number(high=1.0), 'a number in [0, 1]')
+    _need(args, 'model_ema_decay', number(high=1.0, low_open=True), 'a number in (0, 1]')
+    _need(args, 'std', each(number(low_open=True)), 'a list of finite numbers > 0')
+    _need(args, 'mean', each(lambda v: _finite(v)), 'a list of finite numbers')
+    channels = getattr(args, 'in_chans', None) or (getattr(args, 'input_size', None) or [3])[0]
+    for name in ('mean', 'std'):
+        value = getattr(args, name, None)
+        if value is not None and len(value) not in (1, channels):
+            _fail(f'{name}: got {len(value)} values {list(value)} for {channels} input channels; give one value per '
+                  f'channel (or one for all) in the recipe or with {_flag(name)}')
+    sizes, batches = getattr(args, 'train_img_sizes', None), getattr(args, 'train_batch_sizes', None)
+    if batches is not None and sizes is None:
+        _fail('train_batch_sizes needs train_img_sizes (one batch size per training size)')
+    if batches is not None and len(batches) != len(sizes):
+        _fail(f'train_batch_sizes has {len(batches)} values but train_img_sizes {len(sizes)}; give one batch size '
+              f'per training size')
+    stop, epochs = getattr(args, 'stop_epoch', None), getattr(args, 'epochs', None)
+    if stop is not None and epochs is not None and stop > epochs:
+        _fail(f'stop_epoch {stop} is after the last epoch ({epochs}); choose 1..{epochs}')
+
+
+def _check_device(device: Any) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        _fail(f"device {device!r} is not a device PyTorch knows; use 'cpu', 'cuda', 'cuda:N' or 'mps' "
+              f'(recipe key device or --device)')
+    if dev.type == 'cpu':
+        return
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, 'is_available', None)
+    if dev.type == 'mps':
+        available = torch.backends.mps.is_available
+    if available is None or not available():
+        _fail(f'device {device!r}: no {dev.type} device is available on this machine; pass --device cpu '
+              f'(or run where {dev.type} is available)')
+    count = getattr(backend, 'device_count', None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        _fail(f'device {device!r}: this machine has {count()} {dev.type} device(s) (0..{count() - 1}); '
+              f'pass another --device')
+
+
+_REMOTE_DATASETS = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
+
+
+def _split_folder(root: str, split: str) -> Optional[str]:
+    """The folder timm's image-folder dataset reads for `split` (timm's own lookup, with its synonyms),
+    or None where timm would fall back to `root` itself."""
+    from timm.data.dataset_factory import _search_split
+    found = _search_split(root, split)
+    return None if os.path.normpath(found) == os.path.normpath(root) else found
+
+
+def _has_image(folder: str) -> bool:
+    from timm.data.readers.img_extensions import get_img_extensions
+    extensions = get_img_extensions(as_set=True)
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(f)[1].lower() in extensions for f in files):
+            return True
+    return False
+
+
+def _check_data(args, runner: str) -> None:
+    dataset = getattr(args, 'dataset', '') or ''
+    if dataset == 'digits':
+        return
+    data_dir = getattr(args, 'data_dir', None) or getattr(args, 'data', None)
+    train_split, val_split = getattr(args, 'train_split', 'train'), getattr(args, 'val_split', 'validation')
+    if not data_dir:
+        _fail(f'no dataset given: pass --data-dir PATH (an image folder with {train_split}/ and {val_split}/ '
+              f'splits)' + (', or use --dataset digits for the embedded demo' if runner == TIMM_ST_TRAIN else ''))
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        _fail(f'data directory {data_dir!r} is a file, not a folder; pass --data-dir with the folder that holds '
+              f'{train_split}/ and {val_split}/')
+    if dataset.startswith(_REMOTE_DATASETS):
+        return
+    if not os.path.isdir(data_dir):
+        _fail(f'data directory {data_dir!r} does not exist; pass --data-dir with an image folder containing '
+              f'{train_split}/ and {val_split}/')
+    eval_on_train = getattr(args, 'eval_on_train', False)
+    on_purpose = ('pass --eval-on-train to evaluate on the training images on purpose (labelled so)'
+                  if runner == TIMM_ST_TRAIN else 'timm-st train has --eval-on-train to evaluate on the training '
+                                                  'images on purpose (labelled so)')
+    train_folder = _split_folder(data_dir, train_split)
+    if train_folder is None:
+        _fail(f'training split {train_split!r} not found in {data_dir!r} (no {train_split}/ folder or timm synonym); '
+              f'timm would silently train on the whole folder. Pass --train-split with the folder\'s name')
+    if not _has_image(train_folder):
+        _fail(f'cannot read dataset at {data_dir!r}: training split folder {train_folder!r} holds no images; put '
+              f'<class>/<image> files there')
+    if eval_on_train:
+        return
+    val_folder = _split_folder(data_dir, val_split)
+    if val_folder is None:
+        _fail(f'validation split {val_split!r} not found in {data_dir!r} (no {val_split}/ folder or timm synonym '
+              f'val/, validation/, eval/); timm would silently evaluate on the training images. Add a held-out '
+              f'{val_split}/ folder, pass --val-split with its name, or {on_purpose}')
+    if os.path.realpath(val_folder) == os.path.realpath(train_folder):
+        _fail(f'training and validation splits are the same folder {train_folder!r}; pass a held-out --val-split, '
+              f'or {on_purpose}')
+    if not _has_image(val_folder):
+        _fail(f'cannot read dataset at {data_dir!r}: validation split folder {val_folder!r} holds no images; put '
+              f'<class>/<image> files there')
+
+
+def _folder_classes(args) -> Optional[int]:
+    """Classes of an image-folder dataset (its class subfolders), None when not an image folder."""
+    dataset = getattr(args, 'dataset', '') or ''
+    data_dir = getattr(args, 'data_dir', None) or getattr(args, 'data', None)
+    if dataset.startswith(_REMOTE_DATASETS) or dataset == 'digits' or not data_dir or not os.path.isdir(data_dir):
+        return None
+    folder = _split_folder(data_dir, getattr(args, 'train_split', 'train'))
+    if folder is None:
+        return None
+    return sum(1 for e in os.scandir(folder) if e.is_dir()) or None
+
+
+def _run_model(args, runner: str):
+    """The run's model, built on the meta device (no memory, no weights): fails early on bad model options."""
+    num_classes = getattr(args, 'num_classes', None)
+    if num_classes is None and runner == TIMM_ST_TRAIN:  # timm-st train takes the dataset's class count
+        num_classes = _folder_classes(args)
+    try:
+        with torch.device('meta'):
+            return build_model(vars(args), num_classes=num_classes)
+    except ValueError as e:
+        _fail(f'{e} (recipe keys model, model_kwargs, num_classes, in_chans)')
+
+
+def _checkpoint_weights(path: str, key: str) -> Dict[str, torch.Tensor]:
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path)
+        checkpoint = read_checkpoint(path)
+        if key == 'initial_checkpoint' and 'state_dict' not in checkpoint:  # timm also loads bare state dicts
+            weights = checkpoint.get('model', checkpoint)
+            if all(torch.is_tensor(v) for v in weights.values()):
+                from timm.models import clean_state_dict
+                return clean_state_dict(weights)
+        return checkpoint_weights(checkpoint, path)
+    except Exception as e:
+        _fail(f'{_flag(key)}: {e}; use another checkpoint (e.g. last.pth.tar of a run of this recipe)')
+
+
+def _check_checkpoints(args, model) -> None:
+    for key in ('resume', 'initial_checkpoint'):
+        path = getattr(args, key, None)
+        if not path or (key == 'resume' and path == 'auto'):
+            continue
+        if os.path.isdir(path):
+            _fail(f'checkpoint {path!r} ({_flag(key)}) is a folder; pass a checkpoint file in it, e.g. '
+                  f'{os.path.join(path, "last.pth.tar")}')
+        if not os.path.isfile(path):
+            _fail(f'checkpoint {path!r} does not exist ({_flag(key)}); check the path (checkpoints are in the run\'s '
+                  f'output folder)')
+        got = {k: tuple(v.shape) for k, v in _checkpoint_weights(path, key).items()}
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        shapes = [f'{k} is {list(got[k])} there, {list(expected[k])} here' for k in expected
+                  if k in got and got[k] != expected[k]]
+        if missing or unexpected or shapes:
+            detail = '; '.join(filter(None, [
+                f'missing weights {missing[:3]}' + (' ...' if len(missing) > 3 else '') if missing else '',
+                f'unexpected weights {unexpected[:3]}' + (' ...' if len(unexpected) > 3 else '') if unexpected else '',
+                '; '.join(shapes[:2])]))
+            classes = getattr(model, 'num_classes', '?')
+            _fail(f'checkpoint {path!r} ({_flag(key)}) does not fit this run\'s model {args.model!r} with {classes} classes ({detail}); '
+                  f'use a checkpoint of the same architecture and class count, or fix model / num_classes')
+
+
+def _check_optimizer(args) -> None:
+    from timm.optim import create_optimizer_v2, list_optimizers
+    opt = getattr(args, 'opt', None)
+    if opt is None:
+        return
+    try:
+        create_optimizer_v2([torch.nn.Parameter(torch.zeros(2, 2))], opt=opt, lr=0.1)
+    except Exception as e:
+        names = list_optimizers()
+        close = difflib.get_close_matches(str(opt).lower().split('_')[-1], names, n=3)
+        hint = f'did you mean {close}? ' if close else ''
+        _fail(f'optimizer {opt!r} cannot be created by timm {timm.__version__} ({type(e).__name__}: '
+              f'{str(e).splitlines()[0] if str(e) else ""}); {hint}timm.optim.list_optimizers() lists the names '
+              f'(recipe key opt or --opt)')
+
+
+_SCHEDULER_CANDIDATES = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'constant')
+
+
+def _scheduler_builds(name: str) -> bool:
+    """Whether this timm's create_scheduler_v2 builds a scheduler named `name` (1.0.27 returns None for
+    an unknown name, newer versions raise)."""
+    from timm.scheduler import create_scheduler_v2
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=name, num_epochs=10, updates_per_epoch=1)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        return False
+    return scheduler is not None
+
+
+def _check_scheduler(args) -> None:
+    sched = getattr(args, 'sched', None)
+    if sched is None or sched == 'none' or _scheduler_builds(sched):
+        return
+    known = [n for n in _SCHEDULER_CANDIDATES if _scheduler_builds(n)]
+    _fail(f'scheduler {sched!r} is not one timm {timm.__version__} builds ({known + ["none"]}); '
+          f'fix recipe key sched or --sched')
+
+
+def check_combinations(args, config: Optional[StimulativeConfig]) -> None:
+    """Options that each are valid but do not work together (every route)."""
+    if config is None:
+        return
+    if getattr(args, 'kd_model_name', None) is not None:
+        _fail('the recipe has a stimulative: section and kd_model_name is set; train.py would build a '
+              'distillation task and ignore stimulative training. Remove one of them.')
+    mixup_active = (getattr(args, 'mixup', 0) or 0) > 0 or (getattr(args, 'cutmix', 0) or 0) > 0 or (
+        getattr(args, 'cutmix_minmax', None) is not None)
+    try:
+        config.check_targets(soft_targets=mixup_active)
+    except ValueError as e:
+        _fail(str(e))
+    if config.normalizes_main_logits and getattr(args, 'bce_loss', False):
+        _fail(f'stimulative.loss: {config.loss!r} layer-normalises the logits the main criterion sees, and bce_loss '
+              f'makes that criterion binary cross-entropy (normalised logits keep every sigmoid near 0.5), a '
+              f'combination the method was never run with; use loss: kl with bce_loss, or remove bce_loss')
+
+
+def _loader_takes_zero_workers() -> bool:
+    """Whether timm's create_loader accepts num_workers=0 with its default persistent_workers=True
+    (timm before 1.0.29 hands both to torch's DataLoader, which refuses them)."""
+    from timm.data import create_loader
+
+    class _One(torch.utils.data.Dataset):
+        transform = None
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return torch.zeros(3, 4, 4), 0
+
+    try:
+        create_loader(_One(), input_size=(3, 4, 4), batch_size=1, num_workers=0, use_prefetcher=False)
+    except ValueError:
+        return False
+    return True
+
+
 def check_run(args: argparse.Namespace, config: Optional[StimulativeConfig], runner: str) -> None:
     """The one validation of a whole run (recipe + command line), before any work; raises RecipeError.
 
-    `runner` names who will run it ('timm-st train' or timm's train.py through the hook) for the messages.
+    `runner` is `TIMM_ST_TRAIN` or a description of timm's train.py running the recipe (the hook);
+    `args` is that runner's parsed namespace (options a runner lacks are skipped).
     """
-    if not timm.is_model(args.model):
-        close = timm.list_models(f'*{args.model.split(".")[0][:6]}*')[:8]
-        _fail(f'unknown model {args.model!r}; similar timm models: {close}. '
+    model_name = getattr(args, 'model', None)
+    if not isinstance(model_name, str) or not timm.is_model(model_name):
+        close = timm.list_models(f'*{str(model_name).split(".")[0][:6]}*')[:8]
+        _fail(f'unknown model {model_name!r}; similar timm models: {close}. '
               f'(timm-st registers resnet20/32/44/56/110_cifar.)')
-    if args.dataset != 'digits':
-        if not args.data_dir:
-            _fail('no dataset given: pass --data-dir PATH (an image folder with train/ and validation/ splits), or '
-                  'use --dataset digits for the embedded demo')
-        if not args.dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) and not os.path.isdir(args.data_dir):
-            _fail(f'data directory {args.data_dir!r} does not exist; pass --data-dir with an image folder '
-                  f'containing {args.train_split}/ and {args.val_split}/')
-    if args.resume:
-        _check_checkpoint(args.resume)
-    if args.initial_checkpoint:
-        _check_checkpoint(args.initial_checkpoint)
-    if args.eval_subnets < 0:
-        _fail(f'eval_subnets must be >= 0 (0 = no sub-network evaluation), got {args.eval_subnets}')
-    if args.grad_accum_steps < 1:
-        _fail(f'grad_accum_steps must be >= 1, got {args.grad_accum_steps}')
-
-
-def _check_checkpoint(path: str) -> None:
-    if not os.path.isfile(path):
-        _fail(f'checkpoint {path!r} does not exist; check the path (checkpoints are in the run\'s output folder)')
-    try:
-        read_checkpoint(path)
-    except ValueError as e:
-        _fail(f'{e}; use another checkpoint (e.g. last.pth.tar)')
+    _check_ranges(args)
+    _check_device(getattr(args, 'device', None))
+    _check_data(args, runner)
+    _check_checkpoints(args, _run_model(args, runner))
+    _check_optimizer(args)
+    _check_scheduler(args)
+    check_combinations(args, config)
+    if getattr(args, 'train_img_sizes', None) is not None:
+        from timm.data import create_loader
+        if 'input_size_choices' not in inspect.signature(create_loader).parameters:
+            _fail(f'train_img_sizes needs timm >= 1.0.29 (installed: {timm.__version__}); pip install -U timm, '
+                  f'or remove the key')
+    if runner != TIMM_ST_TRAIN and getattr(args, 'workers', 1) == 0 and not _loader_takes_zero_workers():
+        _fail(f'workers: 0 stops timm {timm.__version__}\'s loader in train.py (persistent_workers needs workers > 0); '
+              f'pass --workers 1 or more, or run the recipe with timm-st train')

@@ -5,7 +5,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from .losses import get_subnet_loss, list_subnet_losses
 
-__all__ = ['StimulativeConfig']
+__all__ = ['StimulativeConfig', 'DESCRIPTIONS']
 
 _CHOICES = {
     'norm': ('layernorm', 'l2'),
@@ -95,6 +95,16 @@ class StimulativeConfig:
     def subnet_loss(self):
         return get_subnet_loss(self.loss)
 
+    @property
+    def normalizes_main_logits(self) -> bool:
+        """Whether the main network's criterion sees layer-normalised logits (the KL- losses)."""
+        return self.subnet_loss.normalized_logits
+
+    @property
+    def is_common_training(self) -> bool:
+        """No sub-networks and the main criterion on the plain logits: exactly common training."""
+        return self.num_subnets == 0 and not self.normalizes_main_logits
+
     def check_targets(self, soft_targets: bool) -> None:
         """Fail early when the loss needs class-index targets but mixup/cutmix will make soft ones."""
         if soft_targets and self.subnet_loss.hard_labels:
@@ -109,6 +119,29 @@ class StimulativeConfig:
             return self.coef
         up = self.coef * (1.0 - math.cos(math.pi * epoch / num_epochs)) / 2.0
         return up if self.coef_schedule == 'cosine_up' else self.coef - up
+
+
+# what each key means, for `timm-st train --help` and the README (one entry per field)
+DESCRIPTIONS = {
+    'num_subnets': 'sub-networks sampled per training step (0 = common training on the full network only)',
+    'loss': 'sub-network loss against the detached full network: kl, kl_direction (KL-, on layer-normalised '
+            'logits; the main criterion then also sees normalised logits), soft_ce, mse, dkd, or a registered one',
+    'norm': 'logit normalisation of kl_direction: layernorm or l2',
+    'amplitude': 'scale A of the normalised logits (kl_direction)',
+    'temperature': 'distillation temperature T of the sub-network loss',
+    'coef': 'weight of each sub-network loss (step loss: main + coef * sum of the sub-network losses)',
+    'coef_schedule': 'coef over the epochs: constant, cosine_up (0 -> coef) or cosine_down (coef -> 0)',
+    'start_epoch': 'first epoch with sub-network losses',
+    'sampler': 'ordered (keep a prefix of every stage) or random (drop each block independently)',
+    'min_keep_prob': 'random sampler: lowest keep probability (linear from the first to the last block)',
+    'sample_space': "ordered sampler: a space name ('default', 'space1'..'space7') or "
+                    '{max_drop: [per stage]} / {min_keep: [per stage]}',
+    'input_scale': 'null, or [lo, hi]: each sub-network sees the batch resized to a side drawn in '
+                   '[int(lo * side), int(hi * side)] (ST++)',
+    'bn': 'freeze: sub-network passes leave BatchNorm running statistics untouched; update: they update them',
+    'recalibrate_bn': 'training images used to re-estimate BatchNorm statistics before each validation (0 = off)',
+    'seed': 'seed of the sub-network sampler (the same on every rank)',
+}
 
 
 def _check_space(space: Any):
