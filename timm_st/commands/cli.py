@@ -1,4 +1,5 @@
-"""The `timm-st` command: `timm-st train ...` (`python -m timm_st train ...` under torchrun), `timm-st publish ...`."""
+"""The `timm-st` command: `timm-st train ...` (`python -m timm_st train ...` under torchrun), `timm-st publish ...`,
+`timm-st analyze ...`."""
 import sys
 from typing import Optional, Sequence
 
@@ -9,6 +10,7 @@ _USAGE = """usage: timm-st COMMAND [options]
 commands:
   train     train a timm model with a recipe (common or stimulative training)
   publish   put a trained checkpoint on the Hugging Face hub as a timm model (or --local-dir DIR)
+  analyze   measure loafing: evaluate every sub-network of trained runs or timm models (BN modes, lesions, plots)
 
 Run `timm-st COMMAND --help` for the options of a command."""
 
@@ -25,6 +27,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == 'publish':
         from .publish import main as publish_main
         return publish_main(rest)
+    if command == 'analyze':
+        from .analyze import main as analyze_main
+        return analyze_main(rest)
     print(f'timm-st: unknown command {command!r}\n\n{_USAGE}', file=sys.stderr)
     return 2
 

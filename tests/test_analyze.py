@@ -1,0 +1,256 @@
+"""`timm-st analyze`: every SOURCE kind, one shared set of sub-networks, plots, bad input, groups over seeds."""
+import json
+import statistics
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+
+from timm_st import SubnetPlan, subnet_stages, use_subnet
+from timm_st.commands import analyze as analyze_cmd
+from timm_st.commands.analyze import group_statistics, shard_bounds, subnet_statistics
+from timm_st.commands.cli import main as cli_main
+from timm_st.commands.run_folder import write_args, write_summary_row
+
+from conftest import write_image_folder
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# what a run of either runner records about the model and its evaluation preprocessing
+RUN_ARGS = dict(model='resnet18', num_classes=3, img_size=16, crop_pct=1.0, interpolation='bilinear',
+                mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], dataset='', val_split='validation',
+                train_split='train', batch_size=8, workers=0, stimulative={'sample_space': {'max_drop': [1, 0, 1, 1]}})
+
+
+def _model(seed=0, num_classes=3):
+    torch.manual_seed(seed)
+    model = timm.create_model('resnet18', num_classes=num_classes).eval()
+    with torch.no_grad():  # non-trivial running statistics, so BN modes differ
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _timm_st_run(folder, model, epochs=2, **overrides):
+    """A run folder as `timm-st train` writes it (through its writers)."""
+    import argparse
+    folder.mkdir(parents=True)
+    write_args(folder, argparse.Namespace(**{**RUN_ARGS, **overrides}))
+    torch.save({'epoch': epochs - 1, 'arch': 'resnet18', 'state_dict': model.state_dict()}, folder / 'model_best.pth.tar')
+    for epoch in range(epochs):
+        write_summary_row(folder, epoch, {'train_loss': 1.0, 'eval_top1': 30.0 + 10 * epoch, 'eval_top5': 100.0,
+                                          'epoch_time': 2.0 + epoch, 'img_per_sec': 100.0 * (epoch + 1)})
+    return folder
+
+
+def _train_py_run(folder, model):
+    """A run folder as timm's train.py writes it: its own args.yaml and summary.csv columns, no results.json."""
+    folder.mkdir(parents=True)
+    (folder / 'args.yaml').write_text(yaml.safe_dump({**RUN_ARGS, 'data_dir': None, 'epochs': 1}))
+    torch.save({'epoch': 0, 'arch': 'resnet18', 'state_dict': model.state_dict()}, folder / 'model_best.pth.tar')
+    (folder / 'summary.csv').write_text('epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,1.0,1.0,40.0,100.0,0.1\n')
+    return folder
+
+
+def _local_dir(folder, model):
+    """A published model folder (config.json + weights) with the runs' evaluation preprocessing."""
+    model.pretrained_cfg = {**model.pretrained_cfg, 'input_size': (3, 16, 16), 'crop_pct': 1.0,
+                            'interpolation': 'bilinear', 'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25)}
+    timm.models.save_for_hf(model, str(folder), safe_serialization=True)
+    return folder
+
+
+def _reference_top1(model, root, plan=None):
+    """Top-1 on the validation split, computed without timm's loaders: PIL -> tensor -> normalise."""
+    images, labels = [], []
+    for label, cls in enumerate(sorted(p.name for p in (root / 'validation').iterdir())):
+        for path in sorted((root / 'validation' / cls).iterdir()):
+            pixels = np.asarray(Image.open(path).convert('RGB'), dtype=np.float32) / 255.0
+            images.append((torch.from_numpy(pixels).permute(2, 0, 1) - 0.5) / 0.25)
+            labels.append(label)
+    x, y = torch.stack(images), torch.tensor(labels)
+    with torch.no_grad():
+        if plan is None:
+            logits = model.eval()(x)
+        else:
+            with use_subnet(subnet_stages(model), plan):
+                logits = model.eval()(x)
+    return 100.0 * (logits.argmax(-1) == y).double().mean().item()
+
+
+def _run(argv):
+    return cli_main(['analyze'] + [str(a) for a in argv])
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """Fail the test if anything is evaluated."""
+    def refuse(*args, **kwargs):
+        raise AssertionError('an evaluation started before the input was checked')
+    monkeypatch.setattr(analyze_cmd, 'evaluate_plans', refuse)
+    monkeypatch.setattr(analyze_cmd, 'lesion_study', refuse)
+
+
+def test_every_source_kind_evaluated_on_the_same_subnetworks(tmp_path, image_folder):
+    model = _model()
+    sources = [_timm_st_run(tmp_path / 'st-run', model), _train_py_run(tmp_path / 'train-py-run', model)]
+    checkpoint = tmp_path / 'weights.pth'
+    torch.save({'state_dict': model.state_dict()}, checkpoint)
+    local = _local_dir(tmp_path / 'published', model)
+    out = tmp_path / 'out'
+    assert _run([*sources, checkpoint, f'local-dir:{local}', '--model', 'resnet18', '--data-dir', image_folder,
+                 '--output', out]) == 0
+    analysis = json.loads((out / 'analysis.json').read_text())
+    kinds = [s['kind'] for s in analysis['sources']]
+    assert kinds == ['run folder (timm-st train)', 'run folder (train.py)', 'checkpoint', 'hub']
+    # the space came from the first run's recipe; every member evaluated, the same ones for every source
+    assert analysis['space']['spec'] == {'max_drop': [1, 0, 1, 1]} and analysis['space']['members'] == 8
+    depths = [[e['depths'] for e in s['subnets']] for s in analysis['sources']]
+    assert all(d == depths[0] for d in depths)
+    assert sorted(map(tuple, depths[0])) == sorted(
+        (2 - a, 2, 2 - c, 2 - d) for a in (0, 1) for c in (0, 1) for d in (0, 1))
+    # the same weights through four routes: the same accuracy for every sub-network, and the right one
+    for s in analysis['sources']:
+        assert [e['running']['top1'] for e in s['subnets']] == [
+            e['running']['top1'] for e in analysis['sources'][0]['subnets']]
+    first = analysis['sources'][0]['subnets']
+    assert first[0]['full'] and first[0]['running']['top1'] == pytest.approx(_reference_top1(model, image_folder))
+    smallest = SubnetPlan.prefix((1, 2, 1, 1))
+    entry = next(e for e in first if tuple(e['depths']) == smallest.depths)
+    assert entry['running']['top1'] == pytest.approx(_reference_top1(model, image_folder, smallest))
+    assert analysis['command'].startswith('timm-st analyze ')
+
+
+def test_outputs_plots_lesions_and_curves(tmp_path, image_folder, capsys):
+    runs = [_timm_st_run(tmp_path / f'run{i}', _model(i)) for i in range(2)]
+    out = tmp_path / 'out'
+    assert _run([*runs, '--data-dir', image_folder, '--output', out, '--bn', 'both', '--calib-images', '10',
+                 '--lesion', '--subnets', '3']) == 0
+    for name in ('top1_vs_flops.png', 'accuracy_profile.png', 'lesions.png', 'training_curves.png'):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.size[0] > 100 and image.size[1] > 100
+    analysis = json.loads((out / 'analysis.json').read_text())
+    assert analysis['bn_modes'] == ['running', 'recalibrate']
+    assert analysis['space']['evaluated'] == '3 drawn with seed 0'
+    rows = (out / 'subnets.csv').read_text().splitlines()
+    assert len(rows) == 1 + 2 * 4  # header, then the full network and 3 sub-networks per source
+    for s in analysis['sources']:
+        assert s['lesion'] is not None
+        assert s['cost'] == {'epochs': 2, 'img_per_sec': 150.0, 'train_time': 5.0}
+        full = s['subnets'][0]
+        assert full['full'] and full['relative_flops'] == pytest.approx(1.0)
+        assert all(e['relative_flops'] < 1.0 for e in s['subnets'][1:])
+    table = capsys.readouterr().out
+    assert 'loafing gap' in table and 'recalibrate' in table
+
+
+def test_group_statistics_against_an_independent_computation():
+    members = [dict(full_top1=90.0, subnet_mean=70.0), dict(full_top1=94.0, subnet_mean=80.5),
+               dict(full_top1=91.0, subnet_mean=60.25)]
+    got = group_statistics(members)
+    for key in ('full_top1', 'subnet_mean'):
+        values = np.array([m[key] for m in members])
+        assert got[key]['mean'] == pytest.approx(values.mean(), abs=1e-12)
+        assert got[key]['std'] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        assert got[key]['n'] == 3
+    single = group_statistics(members[:1])
+    assert single['full_top1'] == {'mean': 90.0, 'std': None, 'n': 1}
+    assert group_statistics([dict(a=1.0), dict(a=None)])['a']['mean'] is None
+
+
+def test_subnet_statistics_against_an_independent_computation():
+    values = [50.0, 75.5, 80.25, 60.0]
+    got = subnet_statistics(90.0, values)
+    arr = np.array(values)
+    assert got['subnet_mean'] == pytest.approx(arr.mean(), abs=1e-12)
+    assert got['subnet_std'] == pytest.approx(arr.std(), abs=1e-12)
+    assert (got['subnet_min'], got['subnet_max']) == (50.0, 80.25)
+    assert got['loafing_gap'] == pytest.approx(90.0 - arr.mean(), abs=1e-12)
+
+
+def test_groups_report_mean_and_std_over_seeds(tmp_path, image_folder, capsys):
+    ct = [_timm_st_run(tmp_path / f'ct{i}', _model(i)) for i in range(2)]
+    st = [_timm_st_run(tmp_path / f'st{i}', _model(10 + i)) for i in range(3)]
+    out = tmp_path / 'out'
+    assert _run(['--group', 'ct', *ct, '--group', 'st', *st, '--data-dir', image_folder, '--output', out,
+                 '--subnets', '4']) == 0
+    analysis = json.loads((out / 'analysis.json').read_text())
+    assert [(g['name'], len(g['members'])) for g in analysis['groups']] == [('ct', 2), ('st', 3)]
+    for group in analysis['groups']:
+        members = [s for s in analysis['sources'] if s['group'] == group['name']]
+        for key in ('full_top1', 'subnet_mean', 'subnet_std', 'loafing_gap'):
+            per_seed = []
+            for s in members:  # recomputed from the per-sub-network accuracies
+                top1 = [e['running']['top1'] for e in s['subnets']]
+                subs = np.array(top1[1:])
+                per_seed.append({'full_top1': top1[0], 'subnet_mean': subs.mean(), 'subnet_std': subs.std(),
+                                 'loafing_gap': top1[0] - subs.mean()}[key])
+            stat = group['statistics']['running'][key]
+            assert stat['mean'] == pytest.approx(statistics.fmean(per_seed), abs=1e-9)
+            assert stat['std'] == pytest.approx(statistics.stdev(per_seed), abs=1e-9)
+    table = capsys.readouterr().out
+    ct_full = analysis['groups'][0]['statistics']['running']['full_top1']
+    assert f'{ct_full["mean"]:.2f} +- {ct_full["std"]:.2f}' in table
+
+
+@pytest.mark.parametrize('count,world', [(0, 2), (1, 2), (7, 2), (216, 3), (5, 8)])
+def test_shards_cover_every_plan_once_in_order(count, world):
+    shares = [list(range(*shard_bounds(count, rank, world))) for rank in range(world)]
+    assert [i for share in shares for i in share] == list(range(count))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_calibration_images_are_a_fixed_spread_subset():
+    first = analyze_cmd.fixed_subset(100, 30, seed=0)
+    assert first == analyze_cmd.fixed_subset(100, 30, seed=0)
+    assert len(set(first)) == 30 and first != list(range(30))
+    assert analyze_cmd.fixed_subset(10, 30, seed=0) == list(range(10))
+
+
+@pytest.mark.parametrize('case,expected', [
+    ('missing data', "cannot read split 'validation'"),
+    ('classes', 'predicts 5 classes'),
+    ('space', "space 'space3' is written for stage depths [3, 4, 6, 3]"),
+    ('no adapter', 'No sub-network adapter for model class ByobNet'),
+    ('no train split', '--bn recalibrate needs training images'),
+    ('unreadable checkpoint', 'cannot be read'),
+    ('model name without --pretrained', 'add --pretrained'),
+])
+def test_bad_input_fails_before_any_evaluation(case, expected, tmp_path, image_folder, capsys, no_evaluation):
+    run = _timm_st_run(tmp_path / 'run', _model())
+    argv = [run, '--data-dir', image_folder, '--output', tmp_path / 'out']
+    if case == 'missing data':
+        argv = [run, '--data-dir', tmp_path / 'nowhere']
+    elif case == 'classes':
+        argv[0] = _timm_st_run(tmp_path / 'run5', _model(num_classes=5), num_classes=5)
+    elif case == 'space':
+        argv += ['--space', 'space3']
+    elif case == 'no adapter':
+        path = tmp_path / 'byob.pth'
+        torch.manual_seed(0)
+        torch.save({'state_dict': timm.create_model('test_byobnet', num_classes=3).state_dict()}, path)
+        argv[0:1] = [path, '--model', 'test_byobnet']
+    elif case == 'no train split':
+        folder = tmp_path / 'val-only'
+        write_image_folder(folder)
+        import shutil
+        shutil.rmtree(folder / 'train')
+        argv = [run, '--data-dir', folder, '--bn', 'recalibrate']
+    elif case == 'unreadable checkpoint':
+        path = tmp_path / 'garbage.pth'
+        path.write_bytes(b'not a checkpoint')
+        argv[0:1] = [path, '--model', 'resnet18']
+    else:
+        argv[0] = 'resnet18'
+    assert _run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('timm-st analyze: error: ') and expected in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / 'out').exists()
