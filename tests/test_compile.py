@@ -215,3 +215,58 @@ def test_gpu_gradients_match_fp32_eager(variant):
                     compile_backend='inductor' if 'compile' in variant else None)
     rel = {'fp16-scaler': 2e-2, 'bf16': 5e-2, 'bf16-channels-last-compile': 5e-2}.get(variant, 1e-4)
     assert_grads_close(got, reference, rel=rel)
+
+
+# --- size grid for ST++ inputs (input_size_multiple) --------------------------------------------
+
+def _reference_ordered_draws(seed, max_drop, low, high, n):
+    """The ordered sampler's draws written out: per plan, one drop count per stage, then the side."""
+    g = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(n):
+        drops = [int(torch.randint(0, m + 1, (1,), generator=g)) for m in max_drop]
+        draws.append((drops, int(torch.randint(low, high + 1, (1,), generator=g))))
+    return draws
+
+
+@pytest.mark.parametrize('multiple', [1, 8, 7])
+def test_size_grid_rounds_sides_and_keeps_the_draw_sequence(multiple):
+    config = {'num_subnets': 6, 'input_scale': [0.43, 1.0], 'seed': 5}
+    if multiple != 1:
+        config['input_size_multiple'] = multiple
+    task = StimulativeTask(tiny_cifar_resnet(), config, verbose=False)
+    plans = [task.sampler.sample(input_height=200) for _ in range(300)]
+    reference = _reference_ordered_draws(5, (2, 2, 2), 86, 200, 300)
+    for plan, (drops, side) in zip(plans, reference):
+        assert plan.depths == tuple(3 - d for d in drops)
+        rounded = max(multiple, int(side / multiple + 0.5) * multiple)  # nearest multiple, halves up
+        assert plan.input_size == rounded
+    sides = {p.input_size for p in plans}
+    if multiple == 8:
+        assert sides == set(range(88, 201, 8))  # 15 shapes instead of up to 115
+
+
+def test_size_grid_subnets_see_the_rounded_size():
+    seen = []
+    model = tiny_cifar_resnet()
+    model.stem.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-1]))
+    task = StimulativeTask(model, {'num_subnets': 4, 'input_scale': [0.3, 1.0], 'input_size_multiple': 4},
+                           verbose=False)
+    task(*batch(n=2, size=30))['loss'].backward()
+    assert seen[0] == 30 and len(seen) == 5 and all(s % 4 == 0 and 8 <= s <= 32 for s in seen[1:])
+
+
+@pytest.mark.parametrize('value', [0, -8, 1.5, 8.0, True, '8', None, [8]])
+def test_size_grid_rejects_bad_values(value):
+    from timm_st import StimulativeConfig
+    with pytest.raises(ValueError, match=r'^stimulative\.input_size_multiple: got .*; allowed: an integer >= 1'):
+        StimulativeConfig.from_dict({'input_scale': [0.5, 1.0], 'input_size_multiple': value})
+
+
+def test_size_grid_needs_input_scale():
+    from timm_st import StimulativeConfig
+    with pytest.raises(ValueError, match=r'^stimulative\.input_size_multiple: only used with input_scale: \[lo, hi\], '
+                                         r'but input_scale is None; remove input_size_multiple or set input_scale'):
+        StimulativeConfig.from_dict({'input_size_multiple': 8})
+    assert StimulativeConfig.from_dict({'input_scale': [0.5, 1.0], 'input_size_multiple': 8}).input_size_multiple == 8
+    assert StimulativeConfig.from_dict({}).input_size_multiple == 1

@@ -13,12 +13,19 @@ _CHOICES = {
     'sampler': ('ordered', 'random'),
     'bn': ('freeze', 'update'),
 }
+
+
+class _NotNull(str):
+    """An `_ONLY_WITH` value meaning any setting of the other key but null (the string is an example)."""
+
+
 # keys that only mean something for one setting of another key: key -> (other key, value)
 _ONLY_WITH = {
     'norm': ('loss', 'kl_direction'),
     'amplitude': ('loss', 'kl_direction'),
     'min_keep_prob': ('sampler', 'random'),
     'sample_space': ('sampler', 'ordered'),
+    'input_size_multiple': ('input_scale', _NotNull('[lo, hi]')),
 }
 
 
@@ -50,6 +57,7 @@ class StimulativeConfig:
     min_keep_prob: float = 0.8
     sample_space: Union[str, Mapping[str, Tuple[int, ...]]] = 'default'
     input_scale: Optional[Tuple[float, float]] = None
+    input_size_multiple: int = 1
     bn: str = 'freeze'
     recalibrate_bn: int = 0
     seed: int = 0
@@ -68,6 +76,8 @@ class StimulativeConfig:
         for key in ('num_subnets', 'start_epoch', 'recalibrate_bn', 'seed'):
             if not _is_int(v[key]) or (key != 'seed' and v[key] < 0):
                 _fail(key, v[key], 'an integer >= 0' if key != 'seed' else 'an integer')
+        if not _is_int(v['input_size_multiple']) or v['input_size_multiple'] < 1:
+            _fail('input_size_multiple', v['input_size_multiple'], 'an integer >= 1 (1 = any size)')
         if v['loss'] not in list_subnet_losses():
             _fail('loss', v['loss'], f'one of {list(list_subnet_losses())}')
         for key, choices in _CHOICES.items():
@@ -83,7 +93,7 @@ class StimulativeConfig:
         v['sample_space'] = _check_space(v['sample_space'])
         v['input_scale'] = _check_scale(v['input_scale'])
         for key, (other, needed) in _ONLY_WITH.items():
-            if key in section and v[other] != needed:
+            if key in section and (v[other] is None if isinstance(needed, _NotNull) else v[other] != needed):
                 raise ValueError(
                     f'stimulative.{key}: only used with {other}: {needed}, but {other} is {v[other]!r}; '
                     f'remove {key} or set {other}: {needed}')
@@ -138,6 +148,8 @@ DESCRIPTIONS = {
                     '{max_drop: [per stage]} / {min_keep: [per stage]}',
     'input_scale': 'null, or [lo, hi]: each sub-network sees the batch resized to a side drawn in '
                    '[int(lo * side), int(hi * side)] (ST++)',
+    'input_size_multiple': 'with input_scale: round each drawn side to the nearest multiple of this (halves up, '
+                           'at least one multiple), so fewer distinct shapes occur (1 = any integer, as the authors)',
     'bn': 'freeze: sub-network passes leave BatchNorm running statistics untouched; update: they update them',
     'recalibrate_bn': 'training images used to re-estimate BatchNorm statistics before each validation (0 = off)',
     'seed': 'seed of the sub-network sampler (the same on every rank)',

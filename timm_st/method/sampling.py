@@ -112,11 +112,22 @@ class SubnetSampler:
 
     `input_scale=(lo, hi)` draws the input side uniformly from the integers in
     `[int(lo * H), int(hi * H)]` for a batch of height H; None keeps the batch size.
+    `input_size_multiple=m > 1` then rounds the drawn side to the nearest multiple of m (halves
+    up), at least m, so at most `(hi - lo) * H / m + 2` distinct sides occur; the draws themselves
+    are unchanged, so the generator's sequence is the same as with m = 1.
     Subclasses implement `_draw_blocks()`.
     """
 
-    def __init__(self, input_scale: Optional[Tuple[float, float]] = None, seed: int = 0):
+    def __init__(
+            self,
+            input_scale: Optional[Tuple[float, float]] = None,
+            seed: int = 0,
+            input_size_multiple: int = 1,
+    ):
+        if not isinstance(input_size_multiple, int) or isinstance(input_size_multiple, bool) or input_size_multiple < 1:
+            raise ValueError(f'input_size_multiple must be an integer >= 1, got {input_size_multiple!r}')
         self.input_scale = tuple(input_scale) if input_scale is not None else None
+        self.input_size_multiple = input_size_multiple
         self.generator = torch.Generator(device='cpu')
         self.generator.manual_seed(seed)
 
@@ -135,6 +146,8 @@ class SubnetSampler:
                 raise ValueError('This sampler resizes inputs (input_scale) and needs the batch height.')
             lo, hi = self.input_scale
             size = self._randint(max(1, int(lo * input_height)), max(1, int(hi * input_height)))
+            m = self.input_size_multiple
+            size = max(m, (size + m // 2) // m * m)
         return SubnetPlan(blocks, size)
 
     def state_dict(self) -> Dict[str, Any]:
@@ -153,8 +166,9 @@ class OrderedSubnetSampler(SubnetSampler):
             max_drop: Sequence[int],
             input_scale: Optional[Tuple[float, float]] = None,
             seed: int = 0,
+            input_size_multiple: int = 1,
     ):
-        super().__init__(input_scale, seed)
+        super().__init__(input_scale, seed, input_size_multiple)
         if len(depths) != len(max_drop) or any(not 0 <= m < d for d, m in zip(depths, max_drop)):
             raise ValueError(f'max_drop {list(max_drop)} does not fit stage depths {list(depths)}')
         self.depths = tuple(depths)
@@ -178,8 +192,9 @@ class RandomSubnetSampler(SubnetSampler):
             min_keep_prob: float = 0.8,
             input_scale: Optional[Tuple[float, float]] = None,
             seed: int = 0,
+            input_size_multiple: int = 1,
     ):
-        super().__init__(input_scale, seed)
+        super().__init__(input_scale, seed, input_size_multiple)
         total = sum(s.depth for s in stages)
         probs, l = [], 0
         for stage in stages:

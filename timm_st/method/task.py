@@ -174,9 +174,11 @@ class StimulativeTask(TrainingTask):
     def _build_sampler(self):
         cfg = self.config
         if cfg.sampler == 'random':
-            return RandomSubnetSampler(self.stages, cfg.min_keep_prob, cfg.input_scale, cfg.seed)
+            return RandomSubnetSampler(self.stages, cfg.min_keep_prob, cfg.input_scale, cfg.seed,
+                                       cfg.input_size_multiple)
         max_drop = resolve_sample_space(cfg.sample_space, self.stages)
-        return OrderedSubnetSampler(stage_depths(self.stages), max_drop, cfg.input_scale, cfg.seed)
+        return OrderedSubnetSampler(stage_depths(self.stages), max_drop, cfg.input_scale, cfg.seed,
+                                    cfg.input_size_multiple)
 
     @property
     def model(self) -> nn.Module:
