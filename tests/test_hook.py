@@ -22,7 +22,7 @@ import timm_st.commands.hook as hook
 import timm_st.method.task
 from timm_st import StimulativeConfig, StimulativeTask
 from conftest import write_image_folder
-from timm_st.commands.hook import StimulativeRecipeError
+from timm_st.commands.recipe import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = REPO / 'patches' / 'train_task_option.patch'
@@ -33,15 +33,56 @@ APPLY = REPO / 'patches' / 'apply.sh'
 # the parts of timm's train.py the hook relies on, with the same names and signatures
 FAKE_TRAIN_PY = '''
 import argparse
+import os
 from contextlib import suppress
 
 import torch
+import yaml
 from timm import utils
 from timm.task import ClassificationTask
 
 events = []
-parser = argparse.ArgumentParser()
-parser.add_argument('--epochs', type=int, default=2)
+# train.py's global parser reads the recipe (-c) and the command line; options with train.py's names and defaults
+config_parser = parser = argparse.ArgumentParser()
+parser.add_argument('-c', '--config', default='')
+parser.add_argument('data', nargs='?')
+parser.add_argument('--data-dir', default=None)
+parser.add_argument('--dataset', default='')
+parser.add_argument('--train-split', default='train')
+parser.add_argument('--val-split', default='validation')
+parser.add_argument('--model', default='resnet50')
+parser.add_argument('--resume', default='')
+parser.add_argument('--initial-checkpoint', default='')
+parser.add_argument('--num-classes', type=int, default=None)
+parser.add_argument('--img-size', type=int, default=None)
+parser.add_argument('--input-size', type=int, nargs=3, default=None)
+parser.add_argument('--mean', type=float, nargs='+', default=None)
+parser.add_argument('--std', type=float, nargs='+', default=None)
+parser.add_argument('-b', '--batch-size', type=int, default=128)
+parser.add_argument('--device', default='cuda')
+parser.add_argument('--opt', default='sgd')
+parser.add_argument('--weight-decay', type=float, default=2e-5)
+parser.add_argument('--sched', default='cosine')
+parser.add_argument('--lr', type=float, default=None)
+parser.add_argument('--epochs', type=int, default=300)
+parser.add_argument('--mixup', type=float, default=0.0)
+parser.add_argument('--cutmix', type=float, default=0.0)
+parser.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+parser.add_argument('--smoothing', type=float, default=0.1)
+parser.add_argument('--bce-loss', action='store_true', default=False)
+parser.add_argument('-j', '--workers', type=int, default=4)
+parser.add_argument('--output', default='')
+parser.add_argument('--experiment', default='')
+parser.add_argument('--kd-model-name', default=None)
+parser.add_argument('--device-modules', nargs='+', default=None)
+
+
+def _parse_args(argv):
+    config, remaining = config_parser.parse_known_args(argv)
+    if config.config:
+        with open(config.config) as f:
+            parser.set_defaults(**yaml.safe_load(f))
+    return parser.parse_args(remaining)
 
 
 def train_one_epoch(epoch, model, loader, optimizer, args, task=None, device=torch.device('cpu'),
@@ -57,17 +98,23 @@ def validate(model, loader, loss_fn, args, device=torch.device('cpu'), amp_autoc
 
 
 def main():
-    args = ARGS
+    args = ARGS if ARGS is not None else _parse_args(ARGV)
     if ACTIVATE:
         ACTIVATE(MODULE)  # as importing the device_modules does
     model = MODEL
     task = ClassificationTask(model=model, criterion=torch.nn.CrossEntropyLoss(), device=torch.device('cpu'),
                               dtype=None, verbose=False)
+    output = os.path.join(args.output or './output/train', args.experiment or 'run')
+    os.makedirs(output, exist_ok=True)  # as train.py: the output folder is written after the setup
+    with open(os.path.join(output, 'args.yaml'), 'w') as f:
+        f.write(repr(sorted(vars(args))))
     for epoch in range(args.epochs):
         train_one_epoch(epoch, model, LOADER, None, args, task=task, amp_autocast=suppress)
         if (epoch + 1) % VAL_INTERVAL == 0:
             validate(model, [], None, args, amp_autocast=suppress)
             validate(model, [], None, args, amp_autocast=suppress, log_suffix=' (EMA)')
+    with open(os.path.join(output, 'last.pth.tar'), 'wb') as f:
+        f.write(b'weights')
     return task
 '''
 
@@ -77,21 +124,39 @@ def tiny_model():
     return timm.create_model('resnet20_cifar', num_classes=3)
 
 
+DATA = {}
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(image_folder, tmp_path, monkeypatch):
+    """The stand-in runs read the shared tiny image folder and write under the test's tmp_path."""
+    DATA['dir'] = str(image_folder)
+    monkeypatch.chdir(tmp_path)
+
+
 def make_args(stimulative=None, **extra):
-    args = argparse.Namespace(**{**dict(epochs=2, mixup=0.0, cutmix=0.0, cutmix_minmax=None, kd_model_name=None),
-                                 **extra})
+    """train.py's parsed args for a tiny valid CPU run (the options the hook and its checks read)."""
+    args = argparse.Namespace(**{**dict(
+        config='', data=None, data_dir=DATA['dir'], dataset='', train_split='train', val_split='validation',
+        model='resnet20_cifar', resume='', initial_checkpoint='', num_classes=3, img_size=None, input_size=None,
+        mean=None, std=None, batch_size=4, device='cpu', opt='sgd', weight_decay=2e-5, sched='cosine', lr=None,
+        epochs=2, mixup=0.0, cutmix=0.0, cutmix_minmax=None, smoothing=0.1, bce_loss=False, workers=1, output='',
+        experiment='', kd_model_name=None, device_modules=None), **extra})
     if stimulative is not None:
         args.stimulative = stimulative
     return args
 
 
-def fake_train_module(tmp_path, args, name='train.py', activate=None, val_interval=1, source=FAKE_TRAIN_PY):
+def fake_train_module(tmp_path, args, name='train.py', activate=None, val_interval=1, source=FAKE_TRAIN_PY,
+                      argv=None):
+    """A stand-in timm train.py module; its main() uses `args`, or parses `argv` (recipe + command line) when
+    `args` is None."""
     module = types.ModuleType('__main__')
     module.__file__ = str(tmp_path / name)
     g = torch.Generator().manual_seed(0)
     loader = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
-    module.__dict__.update(ARGS=args, ACTIVATE=activate, MODEL=tiny_model(), LOADER=loader, MODULE=module,
-                           VAL_INTERVAL=val_interval)
+    module.__dict__.update(ARGS=args, ARGV=argv, ACTIVATE=activate, MODEL=tiny_model(), LOADER=loader,
+                           MODULE=module, VAL_INTERVAL=val_interval)
     exec(compile(source, module.__file__, 'exec'), module.__dict__)
     return module
 
@@ -217,23 +282,33 @@ def test_before_validate_recalibrates_real_statistics():
     ({'typo_key': 1}, 'unknown key'),
     ([1, 2], 'expected a mapping'),
 ])
-def test_bad_section_stops_before_training(tmp_path, section, message):
+def test_bad_section_stops_before_training(tmp_path, capsys, section, message):
     args = make_args(section)
     module = fake_train_module(tmp_path, args, activate=hook.activate)
     original = module.ClassificationTask
-    with pytest.raises(StimulativeRecipeError, match=message):
-        module.main()
+    assert message in refusal(capsys, module.main)
     assert module.ClassificationTask is original and module.events == []
+
+
+def refusal(capsys, call) -> str:
+    """Run `call`, which must stop as the hook stops train.py: exit code 2 and one line on stderr, returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        call()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('timm_st: error: ') and err.count('\n') == 1, err
+    return err
 
 
 def test_conflicting_options_are_refused(tmp_path):
     args = make_args({'loss': 'dkd'})
     args.mixup = 0.8
-    with pytest.raises(StimulativeRecipeError, match='class-index targets'):
+    with pytest.raises(RecipeError, match='class-index targets'):
         hook.install(fake_train_module(tmp_path, args), args)
     args = make_args({'num_subnets': 1})
     args.kd_model_name = 'resnet50'
-    with pytest.raises(StimulativeRecipeError, match='kd_model_name'):
+    with pytest.raises(RecipeError, match='kd_model_name'):
         hook.install(fake_train_module(tmp_path, args), args)
 
 
@@ -241,7 +316,7 @@ def test_model_without_adapter_fails_clearly(tmp_path):
     args = make_args({'num_subnets': 1})
     module = fake_train_module(tmp_path, args)
     hook.install(module, args)
-    with pytest.raises(StimulativeRecipeError, match='timm_st'):
+    with pytest.raises(RecipeError, match='timm_st'):
         module.ClassificationTask(model=torch.nn.Linear(3, 3), criterion=None, device=None, dtype=None, verbose=False)
 
 
@@ -260,19 +335,17 @@ def _edit(old, new):
     (_edit('def validate(', 'def evaluate(').replace('validate(model, [], None, args, amp_autocast=suppress)', 'pass')
      .replace("validate(model, [], None, args, amp_autocast=suppress, log_suffix=' (EMA)')", 'pass'), 'validate'),
 ])
-def test_unsupported_train_py_names_versions_and_patch(tmp_path, source, problem):
+def test_unsupported_train_py_names_versions_and_patch(tmp_path, capsys, source, problem):
     args = make_args({'num_subnets': 1})
     module = fake_train_module(tmp_path, args, activate=hook.activate, source=source)
-    with pytest.raises(RuntimeError) as info:
-        module.main()
-    message = str(info.value)
+    message = refusal(capsys, module.main)
     assert problem in message and 'v1.0.28' in message and 'aa4b5850' in message and 'patches/' in message
 
 
-def test_args_not_found_outside_main(tmp_path):
+def test_args_not_found_outside_main(tmp_path, capsys):
     module = fake_train_module(tmp_path, make_args({'num_subnets': 1}))
-    with pytest.raises(RuntimeError, match='main\\(\\).*patches/'):
-        hook.activate(module)  # a train.py importing the hook elsewhere than from main()
+    message = refusal(capsys, lambda: hook.activate(module))  # a train.py importing the hook outside main()
+    assert 'main()' in message and 'patches/' in message
 
 
 def test_missing_args_option_is_unsupported(tmp_path):
@@ -297,7 +370,7 @@ def test_patched_train_py_with_task_option_is_left_alone(tmp_path):
     assert hook.install(module, args) is not None
     # a patched train.py told to build another task while the recipe asks for stimulative training
     args = make_args({'num_subnets': 1}, task='timm.task:ClassificationTask')
-    with pytest.raises(StimulativeRecipeError, match='--task'):
+    with pytest.raises(RecipeError, match='--task'):
         hook.install(_with_task_option(fake_train_module(tmp_path, args)), args)
 
 
@@ -307,7 +380,7 @@ def test_create_task_factory_for_patched_train_py():
                             verbose=False, args=args, num_subnets=3)  # --task-kwargs override single keys
     assert isinstance(task, StimulativeTask) and task.num_epochs == 7
     assert task.config == StimulativeConfig.from_dict({'num_subnets': 3, 'loss': 'kl', 'coef_schedule': 'cosine_up'})
-    with pytest.raises(StimulativeRecipeError, match='stimulative.temperature'):
+    with pytest.raises(RecipeError, match='stimulative.temperature'):
         hook.create_task(model=tiny_model(), args=args, temperature=0)
     # a common-training recipe: timm's ClassificationTask, as timm-st train builds
     task = hook.create_task(model=tiny_model(), criterion=None, device=None, dtype=None, verbose=False,

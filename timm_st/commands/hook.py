@@ -12,7 +12,14 @@ recipe and the command line. On import, this module
 * finds `main()`'s parsed `args` (timm's `_parse_args` passes every recipe key to
   `parser.set_defaults`, so the unknown key `stimulative` lands on `args`; command-line overrides
   are already applied);
-* if `args.stimulative` is set: validates it now (a bad section stops the run before any work),
+* validates the whole run before any work, with the checks `timm-st train` uses (timm_st.commands.recipe):
+  every recipe key against this train.py's own argument parser (a key it would silently ignore is
+  refused, e.g. `train_img_sizes` on v1.0.27 or a misspelled `weight_decy`), the values (numeric
+  strings converted), ranges, device, data splits, checkpoints, optimizer and scheduler names,
+  option combinations, and that `--experiment` does not name a folder holding another run. A
+  refusal is one line on stderr and exit code 2 (SystemExit), not a traceback. `dataset: digits`
+  (the demo) is written as an image folder and `data_dir` pointed at it;
+* if `args.stimulative` is set:
   puts a factory building `StimulativeTask` in place of train.py's global `ClassificationTask`,
   wraps `train_one_epoch` to tell the task the epoch, and wraps `validate` to re-estimate
   BatchNorm statistics on the training loader before the first validation of an epoch when
@@ -21,7 +28,7 @@ recipe and the command line. On import, this module
 Recipes without `stimulative:` run exactly as plain timm. Imported by anything that is not timm's
 `train.py` (e.g. `timm-st train`, which also imports `device_modules`, or `import timm_st.commands.hook`),
 the module does nothing. A `train.py` without the structure relied on (see `SUPPORTED`) stops
-the run with a RuntimeError pointing to the patch in `patches/`.
+the run with a message pointing to the patch in `patches/`.
 
 The patch route (`patches/train_task_option.patch`, a generic `--task` option for timm's
 `train.py`) uses `create_task` in this module as its task factory: `--task timm_st.commands.hook:create_task`.
@@ -34,7 +41,7 @@ import logging
 import os
 import sys
 import types
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,10 +51,15 @@ from timm.task import ClassificationTask
 
 from ..method.config import StimulativeConfig
 from ..method.task import StimulativeTask
+from .digits import materialize_digits
+from .recipe import (RecipeError, check_combinations, check_keys, check_run, check_values, load_recipe, option_names,
+                     stimulative_config)
+from .run_folder import holds_run
 
 __all__ = [
-    'SUPPORTED', 'StimulativeRecipeError', 'HookState',
-    'create_task', 'install', 'activate', 'check_train_script', 'is_timm_train_script', 'find_main_args',
+    'SUPPORTED', 'UnsupportedTrainScript', 'HookState',
+    'create_task', 'install', 'activate', 'validate_run', 'check_train_script', 'is_timm_train_script',
+    'find_main_args',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -68,37 +80,22 @@ _MAIN_GLOBALS = ('ClassificationTask', 'train_one_epoch', 'validate')
 _ARGS_NEEDED = ('epochs',)
 
 
-class StimulativeRecipeError(ValueError):
-    """The recipe's `stimulative:` section (or its combination with other options) cannot run."""
+class UnsupportedTrainScript(RuntimeError):
+    """The running train.py lacks the structure the hook relies on."""
 
 
 def _section(args: Any, task_kwargs: Optional[dict] = None) -> Optional[dict]:
     section = getattr(args, 'stimulative', None) if args is not None else None
-    if section is not None and not isinstance(section, dict):
-        raise StimulativeRecipeError(
-            f'timm_st: recipe key stimulative: expected a mapping of stimulative-training settings, got {section!r}')
     if task_kwargs:
-        section = {**(section or {}), **task_kwargs}
+        section = {**(section if isinstance(section, dict) else {}), **task_kwargs}
     return section
 
 
-def _config(section: Optional[dict], args: Any = None) -> StimulativeConfig:
+def _config(section: dict, args: Any = None) -> StimulativeConfig:
     """Validate a `stimulative:` section and its fit with the rest of the run's options."""
-    try:
-        config = StimulativeConfig.from_dict(section)
-    except ValueError as e:
-        raise StimulativeRecipeError(f'timm_st: invalid recipe section: {e}') from None
+    config = stimulative_config(section)
     if args is not None:
-        if getattr(args, 'kd_model_name', None) is not None:
-            raise StimulativeRecipeError(
-                'timm_st: the recipe has a stimulative: section and kd_model_name is set; train.py would build a '
-                'distillation task and ignore stimulative training. Remove one of them.')
-        mixup_active = (getattr(args, 'mixup', 0) or 0) > 0 or (getattr(args, 'cutmix', 0) or 0) > 0 or (
-            getattr(args, 'cutmix_minmax', None) is not None)
-        try:
-            config.check_targets(soft_targets=mixup_active)
-        except ValueError as e:
-            raise StimulativeRecipeError(f'timm_st: {e}') from None
+        check_combinations(args, config)
     return config
 
 
@@ -107,7 +104,7 @@ def _build(model, config, criterion, device, dtype, verbose, num_epochs) -> Stim
         return StimulativeTask(
             model, config, criterion=criterion, num_epochs=num_epochs, device=device, dtype=dtype, verbose=verbose)
     except ValueError as e:  # a model without sub-network adapter, a space that does not fit it
-        raise StimulativeRecipeError(f'timm_st: {e}') from None
+        raise RecipeError(str(e)) from None
 
 
 def create_task(
@@ -186,7 +183,7 @@ def _structure_problems(module: types.ModuleType) -> List[str]:
 
 
 def check_train_script(module: types.ModuleType, args: Any = None) -> None:
-    """Raise RuntimeError when `module` lacks what the hook relies on (or `args` lacks options it reads)."""
+    """Raise UnsupportedTrainScript when `module` lacks what the hook relies on (or `args` lacks options it reads)."""
     problems = _structure_problems(module)
     if args is not None:
         missing = [n for n in _ARGS_NEEDED if not hasattr(args, n)]
@@ -194,7 +191,7 @@ def check_train_script(module: types.ModuleType, args: Any = None) -> None:
             problems.append(f'its parsed args have no {missing}')
     if problems:
         path = getattr(module, '__file__', '?')
-        raise RuntimeError(
+        raise UnsupportedTrainScript(
             f'timm_st.commands.hook: {path} does not have the structure the hook relies on ({"; ".join(problems)}). '
             f'The hook supports {SUPPORTED}. {_PATCH_HINT}.')
 
@@ -230,7 +227,7 @@ def find_main_args(module: types.ModuleType) -> argparse.Namespace:
             frame = frame.f_back
     finally:
         del frame
-    raise RuntimeError(
+    raise UnsupportedTrainScript(
         f'timm_st.commands.hook: imported by {getattr(module, "__file__", "?")} but not from its main() with parsed `args` '
         f'in scope (timm\'s train.py imports device_modules right after parsing them). The hook supports '
         f'{SUPPORTED}. {_PATCH_HINT}.')
@@ -249,28 +246,101 @@ class HookState:
         self.originals = {}
 
 
-def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional[HookState]:
-    """Put stimulative training in place in a timm train.py module namespace, from its parsed `args`.
+def _runner(module: types.ModuleType) -> str:
+    return f"timm's train.py ({getattr(module, '__file__', 'train.py')})"
 
-    Returns None (and changes nothing) when `args` has no `stimulative` section, or when the script
-    has the generic `--task` option and `args.task` selects this module's factory. Raises
-    StimulativeRecipeError for a bad section and RuntimeError for an unsupported train.py.
+
+def _selects_factory(module: types.ModuleType, args: Any) -> bool:
+    """Whether a train.py with the `--task` option (patches/) builds this module's task itself."""
+    task_path = getattr(args, 'task', None)
+    return bool(task_path) and _has_task_option(module) and _resolve(task_path) is create_task
+
+
+def _check_output_folder(args: Any) -> None:
+    """train.py writes into OUTPUT/EXPERIMENT whatever is there: refuse a folder holding another run
+    unless the command resumes from a checkpoint inside it."""
+    experiment = getattr(args, 'experiment', '')
+    if not experiment:
+        return  # train.py names a new folder after the time, model and size
+    folder = os.path.join(getattr(args, 'output', '') or './output/train', experiment)
+    if not holds_run(folder):
+        return
+    resume = getattr(args, 'resume', '')
+    if resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(folder):
+        return
+    raise RecipeError(
+        f'output folder {folder!r} already holds a run, and train.py would overwrite its checkpoints and args.yaml; '
+        f'continue it with --resume {os.path.join(folder, "last.pth.tar")}, choose another --experiment, or delete '
+        f'the folder')
+
+
+def validate_run(main_module: types.ModuleType, args: argparse.Namespace
+                 ) -> Tuple[Optional[dict], Optional[StimulativeConfig]]:
+    """The validation `timm-st train` does, for the run this train.py is about to start -> (section, config).
+
+    Every recipe key (`args.config`) must be an option of this train.py's own `parser`, or one of
+    timm-st's keys the hook honours (`stimulative`; `task`/`task_kwargs` naming this module's factory;
+    `eval_subnets: 0`). Sets on `args`: recipe values converted as timm's newest config loader does
+    (numeric strings), and for `dataset: digits` the demo's image folder. Raises RecipeError.
+    """
+    runner = _runner(main_module)
+    parser = getattr(main_module, 'parser', None)
+    if not isinstance(parser, argparse.ArgumentParser):
+        raise UnsupportedTrainScript(
+            f'timm_st.commands.hook: {getattr(main_module, "__file__", "?")} has no global argument parser `parser` '
+            f'to check the recipe against. The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+    known = {a.dest for a in parser._actions if a.dest != 'help'}
+    recipe = load_recipe(args.config) if getattr(args, 'config', '') else {}
+    ours = {'stimulative', 'eval_subnets'}
+    if not _has_task_option(main_module):  # the recipe's line for a patched train.py; the hook does that work here
+        if recipe.get('task', FACTORY_PATH) != FACTORY_PATH:
+            raise RecipeError(f'recipe key task: {recipe["task"]!r}, but this train.py has no --task option '
+                              f'(patches/ adds it); remove the key or name {FACTORY_PATH}')
+        if recipe.get('task_kwargs'):
+            raise RecipeError(f'recipe key task_kwargs needs a train.py with --task (patches/); put the settings '
+                              f'in the stimulative: section')
+        ours |= {'task', 'task_kwargs'}
+    if recipe.get('eval_subnets'):
+        raise RecipeError(
+            f'recipe key eval_subnets: {recipe["eval_subnets"]!r} is the end-of-run sub-network evaluation of '
+            f'timm-st train, which {runner} does not do; remove the key and evaluate the run folder afterwards '
+            f'with `timm-st analyze OUTPUT/EXPERIMENT --data-dir ...`, or run the recipe with timm-st train')
+    check_keys([k for k in recipe if k not in ours], known, runner, timm_st_train_keys=option_names())
+    for name, value in check_values(recipe, parser).items():
+        if getattr(args, name, None) is recipe[name]:  # still the recipe's value (not overridden on the command line)
+            setattr(args, name, value)
+    if getattr(args, 'dataset', '') == 'digits':
+        args.data_dir = str(materialize_digits(getattr(args, 'data_dir', None) or None))
+        args.dataset = ''
+    task_kwargs = getattr(args, 'task_kwargs', None) if _selects_factory(main_module, args) else None
+    section = _section(args, task_kwargs)
+    config = stimulative_config(section)
+    check_run(args, config, runner)
+    _check_output_folder(args)
+    return section, config
+
+
+def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional[HookState]:
+    """Validate the run and put stimulative training in place in a timm train.py module namespace.
+
+    Returns None (and changes nothing but `args`, see `validate_run`) when `args` has no
+    `stimulative` section, or when the script has the generic `--task` option and `args.task`
+    selects this module's factory. Raises RecipeError for a run that cannot start and
+    UnsupportedTrainScript for a train.py without the structure the hook relies on.
     """
     existing = getattr(main_module.__dict__.get('ClassificationTask'), '_timm_st_state', None)
     if existing is not None:
         return existing
-    section = _section(args)
-    if section is None:
-        return None
     task_path = getattr(args, 'task', None)
-    if task_path and _has_task_option(main_module):
-        if _resolve(task_path) is not create_task:
-            raise StimulativeRecipeError(
-                f'timm_st: the recipe has a stimulative: section but --task {task_path!r} selects another task; '
-                f'use --task {FACTORY_PATH} (or remove the stimulative: section)')
-        return None  # the patched train.py builds the task and calls its callbacks itself
-    check_train_script(main_module, args)
-    config = _config(section, args)
+    patched = bool(task_path) and _has_task_option(main_module)
+    if patched and _section(args) is not None and _resolve(task_path) is not create_task:
+        raise RecipeError(f'the recipe has a stimulative: section but --task {task_path!r} selects another task; '
+                          f'use --task {FACTORY_PATH} (or remove the stimulative: section)')
+    if _section(args) is not None and not patched:
+        check_train_script(main_module, args)
+    section, config = validate_run(main_module, args)
+    if section is None or patched:
+        return None  # plain timm, or the patched train.py builds the task and calls its callbacks itself
     state = HookState(args, config)
     ns = vars(main_module)
 
@@ -316,12 +386,21 @@ def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional
     return state
 
 
+def refuse(message: str) -> None:
+    """Stop train.py with one line on stderr and exit code 2 (as `timm-st train`), not a traceback."""
+    print(f'timm_st: error: {message}', file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def activate(main_module: Optional[types.ModuleType] = None) -> Optional[HookState]:
-    """What importing this module does: install into `__main__` when it is timm's train.py."""
+    """What importing this module does: validate the run and install into `__main__` when it is timm's train.py."""
     main_module = sys.modules.get('__main__') if main_module is None else main_module
     if not is_timm_train_script(main_module):
         return None
-    return install(main_module, find_main_args(main_module))
+    try:
+        return install(main_module, find_main_args(main_module))
+    except (RecipeError, UnsupportedTrainScript) as e:
+        refuse(str(e))
 
 
 STATE = activate()

@@ -28,10 +28,11 @@ import torch
 import yaml
 
 from ..method.config import DESCRIPTIONS, StimulativeConfig
+from ..method.task import StimulativeTask
 from .run_folder import build_model, checkpoint_weights, read_checkpoint
 
-__all__ = ['RecipeError', 'build_parser', 'parse_args', 'load_recipe', 'check_keys', 'check_values', 'check_run',
-           'check_combinations', 'stimulative_config', 'TIMM_ST_TRAIN', 'TASK_FACTORY']
+__all__ = ['RecipeError', 'build_parser', 'parse_args', 'load_recipe', 'option_names', 'check_keys', 'check_values',
+           'check_run', 'check_combinations', 'stimulative_config', 'TIMM_ST_TRAIN', 'TASK_FACTORY']
 
 
 class RecipeError(ValueError):
@@ -218,6 +219,11 @@ _OPTIONS: Sequence[Tuple[str, Dict[str, Any]]] = (
 )
 
 
+def option_names() -> List[str]:
+    """The recipe keys `timm-st train` honours besides `stimulative` (timm train.py names)."""
+    return [name for name, _ in _OPTIONS]
+
+
 def _stimulative_help() -> str:
     lines = ["Keys of a recipe's stimulative: section, also settable with --stimulative KEY=VALUE ... "
              '(values are YAML; default in brackets):']
@@ -395,8 +401,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     recipe = load_recipe(pre.config) if pre.config else {}
     _check_task_keys(recipe)
     section = recipe.pop('stimulative', None)
-    options = [name for name, _ in _OPTIONS]
-    check_keys(recipe, options, TIMM_ST_TRAIN)
+    check_keys(recipe, option_names(), TIMM_ST_TRAIN)
     if section is not None and not isinstance(section, dict):
         stimulative_config(section)  # refuses it
     parser.set_defaults(**check_values(recipe, parser))
@@ -736,7 +741,13 @@ def check_run(args: argparse.Namespace, config: Optional[StimulativeConfig], run
     _check_ranges(args)
     _check_device(getattr(args, 'device', None))
     _check_data(args, runner)
-    _check_checkpoints(args, _run_model(args, runner))
+    model = _run_model(args, runner)
+    _check_checkpoints(args, model)
+    if config is not None:  # the model has a sub-network adapter and the space fits it
+        try:
+            StimulativeTask(model, config, num_epochs=getattr(args, 'epochs', None), verbose=False)
+        except ValueError as e:
+            _fail(str(e))
     _check_optimizer(args)
     _check_scheduler(args)
     check_combinations(args, config)
