@@ -444,3 +444,28 @@ def test_push_bad_repo_id(st_run, fake_hub, capsys):
     assert 'ORG_OR_USER/NAME' in capsys.readouterr().err
     with pytest.raises(PublishError, match='not a valid repository id'):
         publish(st_run, 'bad//id')
+
+
+# the method is named from the settings, never from the recipe's file name
+@pytest.mark.parametrize('stimulative,tag', [
+    (None, 'ct'),
+    ({'num_subnets': 0}, 'ct'),
+    ({'num_subnets': 1, 'coef': 0.0}, 'ct'),
+    ({'num_subnets': 0, 'loss': 'kl_direction'}, 'ctnorm'),  # main logits layer-normalised: not CT
+    ({'num_subnets': 1}, 'st'),
+    ({'num_subnets': 1, 'sample_space': {'max_drop': [4, 4, 4]}}, 'st'),  # a narrowed space alone is not ST++
+    ({'num_subnets': 1, 'loss': 'kl_direction'}, 'stpp'),
+    ({'num_subnets': 6}, 'stpp'),
+    ({'num_subnets': 1, 'input_scale': [0.43, 1.0]}, 'stpp'),
+    ({'num_subnets': 1, 'sample_space': 'space3'}, 'stpp'),
+])
+def test_method_named_from_settings(stimulative, tag):
+    from timm_st.commands.publish import _method
+    assert _method(stimulative)[0] == tag
+
+
+def test_demo_recipes_are_named_by_their_settings():
+    from timm_st.commands.publish import _method
+    root = Path(__file__).parent.parent / 'recipes'
+    assert _method(yaml.safe_load((root / 'demo_digits.yaml').read_text())['stimulative'])[0] == 'st'
+    assert _method(yaml.safe_load((root / 'st_r50.yaml').read_text())['stimulative'])[0] == 'stpp'

@@ -180,3 +180,119 @@ def test_task_keys_of_patched_train_py(tmp_path, image_folder, capsys, recipe, m
     path.write_text(yaml.safe_dump(recipe))
     assert main(['-c', str(path)] + BASE + ['--data-dir', str(image_folder), '--output', str(tmp_path / 'o')]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# same numbers as timm's train.py
+
+# timm's train.py (v1.0.27 and aa4b5850, "setup loss function"), written out by hand:
+# (mixup/cutmix active, smoothing, bce_loss) -> (loss class, smoothing it applies)
+TRAIN_PY_CRITERION = [
+    (True, 0.3, True, 'BinaryCrossEntropy', 0.1),  # train.py passes no smoothing: BCE's own default (0.1)
+    (True, 0.1, False, 'SoftTargetCrossEntropy', None),
+    (False, 0.1, True, 'BinaryCrossEntropy', 0.1),
+    (False, 0.1, False, 'LabelSmoothingCrossEntropy', 0.1),
+    (False, 0.0, True, 'CrossEntropyLoss', None),  # bce_loss without mixup or smoothing: still cross-entropy
+    (False, 0.0, False, 'CrossEntropyLoss', None),
+]
+
+
+@pytest.mark.parametrize('mixup,smoothing,bce,name,applied', TRAIN_PY_CRITERION)
+def test_criterion_matches_train_py(mixup, smoothing, bce, name, applied):
+    from timm_st.commands.recipe import parse_args
+    from timm_st.commands.train import _train_criterion
+    args, _ = parse_args(['--smoothing', str(smoothing)] + (['--bce-loss'] if bce else []))
+    criterion = _train_criterion(args, mixup_active=mixup)
+    assert type(criterion).__name__ == name
+    if applied is not None:
+        assert criterion.smoothing == applied
+
+
+def test_best_checkpoint_by_ema_metric(tmp_path, image_folder, monkeypatch):
+    """With EMA validated, model_best follows the EMA metric (as train.py); the plain metric would pick epoch 1."""
+    import timm_st.commands.train as train_module
+    plain = iter([10.0, 90.0, 20.0])
+    ema = iter([70.0, 30.0, 50.0])
+    calls = []
+
+    def scripted(model, loader, device, **kwargs):
+        calls.append(model)
+        top1 = next(plain) if len(calls) % 2 else next(ema)
+        return {'loss': 100.0 - top1, 'top1': top1, 'top5': 100.0}
+    monkeypatch.setattr(train_module, 'validate', scripted)
+    run(['--data-dir', image_folder, '--output', tmp_path, '--experiment', 'ema'] + BASE
+        + ['--epochs', '3', '--model-ema', '--eval-subnets', '0'])
+    out = tmp_path / 'ema'
+    checkpoint = torch.load(out / 'model_best.pth.tar', map_location='cpu', weights_only=False)
+    assert checkpoint['epoch'] == 0 and checkpoint['metric'] == 70.0
+    rows = summary_rows(out)
+    assert [float(r['eval_ema_top1']) for r in rows] == [70.0, 30.0, 50.0]
+    assert [float(r['eval_top1']) for r in rows] == [10.0, 90.0, 20.0]
+    results = json.loads((out / 'results.json').read_text())
+    assert results['best_epoch'] == 0 and results['best_metric'] == 70.0
+
+
+def test_lr_scaling_recorded_as_train_py(tmp_path, image_folder):
+    base = [a for a in BASE]
+    i = base.index('--lr')
+    del base[i:i + 2]
+    run(['--data-dir', image_folder, '--output', tmp_path, '--experiment', 'lr'] + base
+        + ['--epochs', '1', '--lr-base', '0.4', '--opt', 'adamw', '--eval-subnets', '0'])
+    import yaml
+    args = yaml.safe_load((tmp_path / 'lr' / 'args.yaml').read_text())
+    # train.py: lr = lr_base * sqrt(global batch / lr_base_size) for ada*/lamb optimizers, and it records the rule
+    assert args['lr_base_scale'] == 'sqrt' and args['lr'] == pytest.approx(0.4 * (8 / 256) ** 0.5, rel=1e-12)
+
+
+def test_ema_batchnorm_reestimated_before_validation():
+    """bn: update + recalibrate_bn: before validation the EMA model's BN statistics are re-estimated too, on the
+    same images, exactly as a fresh equal-weight average over those batches."""
+    import copy
+    import timm
+    from timm_st import StimulativeConfig, StimulativeTask
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=3)
+    task = StimulativeTask(model, StimulativeConfig.from_dict({'bn': 'update', 'recalibrate_bn': 8}),
+                           criterion=torch.nn.CrossEntropyLoss(), num_epochs=1, device='cpu')
+    task.setup_ema(decay=0.5)
+    ema = task.get_trainable_module(ema=True).module
+    with torch.no_grad():  # make the EMA differ from the live model, so their statistics differ
+        for p in ema.parameters():
+            p.mul_(0.5)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.zeros(4, dtype=torch.long)) for _ in range(3)]
+
+    def reference(net):  # plain torch: reset stats, momentum None (cumulative average), two batches in train mode
+        net = copy.deepcopy(net)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        net.train()
+        with torch.no_grad():
+            for x, _ in batches[:2]:
+                net(x)
+        return {k: v for k, v in net.state_dict().items() if 'running' in k}
+
+    expected_live, expected_ema = reference(model), reference(ema)
+    before = {k: v.clone() for k, v in ema.state_dict().items() if 'running' in k}
+    task.set_epoch(0)
+    assert task.before_validate(batches) == 8
+    for name, value in expected_ema.items():
+        assert torch.allclose(ema.state_dict()[name], value, rtol=1e-5, atol=1e-6), name
+    for name, value in expected_live.items():
+        assert torch.allclose(model.state_dict()[name], value, rtol=1e-5, atol=1e-6), name
+    assert not torch.allclose(before['bn1.running_mean'], expected_ema['bn1.running_mean'])
+    assert not torch.allclose(expected_live['layer1.0.bn1.running_var'], expected_ema['layer1.0.bn1.running_var'])
+
+
+def test_eval_on_train_labelled_everywhere(tmp_path, image_folder):
+    run(['--data-dir', image_folder, '--output', tmp_path, '--experiment', 'tr'] + BASE
+        + ['--epochs', '1', '--eval-subnets', '0', '--eval-on-train'])
+    out = tmp_path / 'tr'
+    assert [r['eval_split'] for r in summary_rows(out)] == ['train']
+    results = json.loads((out / 'results.json').read_text())
+    assert results['eval_on_train'] is True and results['eval_split'] == 'train'
+    from timm_st.commands.publish import export_checkpoint
+    card = (export_checkpoint(out, tmp_path / 'export') / 'README.md').read_text()
+    assert '**the training data** (`train`, explicit `eval_on_train`: these numbers are not held-out accuracy)' in card
