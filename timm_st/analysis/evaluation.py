@@ -80,7 +80,7 @@ def _all_modes_kept(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def _loader_totals(model: nn.Module, loader: Iterable, device: torch.device, autocast: Callable[[], ContextManager],
                    channels_last: bool, max_samples: Optional[int], input_size: Optional[int] = None,
-                   progress: Optional[Any] = None) -> torch.Tensor:
+                   progress: Optional[Any] = None, on_logits: Optional[Callable] = None) -> torch.Tensor:
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, examples, top-1, top-5 correct
     seen = 0
     was_training = model.training
@@ -96,6 +96,8 @@ def _loader_totals(model: nn.Module, loader: Iterable, device: torch.device, aut
             seen += keep
             if keep:
                 totals += _batch_totals(output[:keep], y[:keep])
+                if on_logits is not None:
+                    on_logits(output[:keep], y[:keep])
             _report(progress, 1)
     finally:
         model.train(was_training)
@@ -216,7 +218,7 @@ def _check_routes(stages: Sequence[Stage], routes: Sequence[Route]) -> None:
 
 @torch.no_grad()
 def _evaluate_each(model, stages, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
-                   progress) -> torch.Tensor:
+                   progress, on_logits) -> torch.Tensor:
     """The reference: each route on its own, the model's own forward under `use_subnet`."""
     calib_images = list(calib) if bn == 'recalibrate' else []
     totals = torch.zeros(len(routes), 4, dtype=torch.float64, device=device)
@@ -228,7 +230,8 @@ def _evaluate_each(model, stages, routes, loader, device, bn, calib, autocast, c
                         with autocast():
                             model(resize_input(x, size))
                         _report(progress, 1)
-            totals[i] = _loader_totals(model, loader, device, autocast, channels_last, max_samples, size, progress)
+            totals[i] = _loader_totals(model, loader, device, autocast, channels_last, max_samples, size, progress,
+                                       None if on_logits is None else lambda out, y, i=i: on_logits(i, out, y))
     return totals
 
 
@@ -250,7 +253,7 @@ def _verify_split(model, split, stages, x, autocast) -> None:
 
 @torch.no_grad()
 def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
-                   progress, info) -> torch.Tensor:
+                   progress, on_logits, info) -> torch.Tensor:
     tree = PrefixTree(routes)
     runner = TreeRunner(model, split, stages, tree)
     totals = torch.zeros(len(routes), 4, dtype=torch.float64, device=device)
@@ -262,11 +265,7 @@ def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, auto
         if first is None:
             raise ValueError('evaluate_plans: the calibration loader produced no images')
         _verify_split(model, split, stages, first, autocast)
-        with calibration_mode(model), runner.node_statistics(create=True):
-            for x in itertools.chain([first], calib):
-                with autocast():
-                    runner.run(x)
-                _report(progress, len(routes))
+        runner.calibrate(itertools.chain([first], calib), autocast, lambda: _report(progress, len(routes)))
     else:
         first = next(eval_batches, None)
         if first is not None:
@@ -290,6 +289,8 @@ def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, auto
                         t = _batch_totals(logits[:keep], y)
                     for i in ids:
                         totals[i] += t
+                        if on_logits is not None:
+                            on_logits(i, logits[:keep], y)
 
                 with autocast():
                     runner.run(x, on_leaf)
@@ -312,6 +313,7 @@ def evaluate_routes(
         method: str = 'auto',
         progress: Optional[Any] = None,
         distributed: bool = False,
+        on_logits: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
         info: Optional[Dict[str, Any]] = None,
 ) -> List[Dict[str, float]]:
     """`evaluate_plans` for routes `(blocks, input_size)`, whose blocks may run in any order (lesions)."""
@@ -341,7 +343,7 @@ def evaluate_routes(
         return calibration_batches(calib_loader, calib_images, device, channels_last) if bn == 'recalibrate' else None
 
     args = (loader, device, bn)
-    rest = (autocast, channels_last, max_samples, progress)
+    rest = (autocast, channels_last, max_samples, progress, on_logits)
     with _all_modes_kept(model):
         if chosen == 'tree':
             try:
@@ -374,6 +376,7 @@ def evaluate_plans(
         method: str = 'auto',
         progress: Optional[Any] = None,
         distributed: bool = False,
+        on_logits: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
         info: Optional[Dict[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Accuracy of every plan: `[{'depths', 'top1', 'top5', 'loss', 'samples'}]`, in plan order.
@@ -387,13 +390,14 @@ def evaluate_plans(
     progress: a callable or tqdm-like `update(n)`, told of every unit done; one unit is one
     sub-network on one batch, so the total is `len(plans) * (len(loader) + calibration batches)`.
     distributed: sum the counts over ranks (every rank evaluates every plan on its shard).
+    on_logits: called as `on_logits(plan_index, logits, targets)` for every counted batch of every plan.
     info: a dict, filled with how the evaluation ran ('method', 'reason', block evaluations per batch).
     The model's parameters, buffers and train/eval flags are unchanged afterwards, also on error.
     """
     results = evaluate_routes(
         model, [(plan.blocks, plan.input_size) for plan in plans], loader, device, bn=bn, calib_loader=calib_loader,
         calib_images=calib_images, autocast=autocast, channels_last=channels_last, max_samples=max_samples,
-        method=method, progress=progress, distributed=distributed, info=info)
+        method=method, progress=progress, distributed=distributed, on_logits=on_logits, info=info)
     return [{'depths': list(plan.depths), **r} for plan, r in zip(plans, results)]
 
 

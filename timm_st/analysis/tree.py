@@ -16,22 +16,22 @@ statistics, so one tree pass over the calibration images accumulates every node'
 The norm layers' buffers are swapped per node by forward pre-hooks; the model's own buffers are
 never written.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from timm.utils.model import unwrap_model
 
-from ..method.adapters import _ADAPTERS, Stage
+from ..method.adapters import _ADAPTERS, Stage, subnet_stages
 from ..method.batchnorm import _stat_norms
 from ..method.plan import resize_input
 
 __all__ = [
     'TreeSplit', 'register_tree_split', 'tree_split', 'tree_supported', 'Route', 'PrefixTree', 'TreeRunner',
-    'calibration_mode', 'fresh_statistics', 'calibration_batches',
+    'recalibrated_statistics', 'calibration_mode', 'fresh_statistics', 'calibration_batches',
 ]
 
 Blocks = Tuple[Tuple[int, ...], ...]
@@ -228,12 +228,38 @@ class TreeRunner:
             for m, buffers in originals:
                 m._buffers.update(buffers)
 
+    def calibrate(self, batches: Iterable[torch.Tensor], autocast: Callable[[], ContextManager] = nullcontext,
+                  after_batch: Optional[Callable[[], None]] = None) -> None:
+        """Accumulate every node's own norm statistics over `batches` (one tree pass per batch)."""
+        with calibration_mode(self.model), self.node_statistics(create=True):
+            for x in batches:
+                with autocast():
+                    self.run(x)
+                if after_batch is not None:
+                    after_batch()
+
     def route_statistics(self, i: int) -> Dict[nn.Module, Dict[str, torch.Tensor]]:
         """The norm statistics route `i` was calibrated with, per norm layer it runs."""
         out = {}
         for node in self.tree.path(i):
             out.update(node.stats)
         return out
+
+
+@torch.no_grad()
+def recalibrated_statistics(model: nn.Module, routes: Sequence[Route], calib_loader: Iterable, device: torch.device,
+                            calib_images: int = 2000, autocast: Callable[[], ContextManager] = nullcontext,
+                            channels_last: bool = False) -> List[Dict[str, Dict[str, torch.Tensor]]]:
+    """The BatchNorm statistics each route gets from one tree calibration pass, per norm layer it runs
+    (by qualified name): what `evaluate_plans(bn='recalibrate')` evaluates it with."""
+    model = unwrap_model(model)
+    split = tree_split(model)
+    if split is None:
+        raise ValueError(tree_supported(model)[1])
+    runner = TreeRunner(model, split, subnet_stages(model), PrefixTree(routes))
+    runner.calibrate(calibration_batches(calib_loader, calib_images, device, channels_last), autocast)
+    names = {m: n for n, m in model.named_modules()}
+    return [{names[m]: stats for m, stats in runner.route_statistics(i).items()} for i in range(len(routes))]
 
 
 def fresh_statistics(module: nn.Module) -> Dict[str, torch.Tensor]:
