@@ -42,8 +42,9 @@ def _timm_st_run(folder, model, epochs=2, **overrides):
     write_args(folder, argparse.Namespace(**{**RUN_ARGS, **overrides}))
     torch.save({'epoch': epochs - 1, 'arch': 'resnet18', 'state_dict': model.state_dict()}, folder / 'model_best.pth.tar')
     for epoch in range(epochs):
-        write_summary_row(folder, epoch, {'train_loss': 1.0, 'eval_top1': 30.0 + 10 * epoch, 'eval_top5': 100.0,
-                                          'epoch_time': 2.0 + epoch, 'img_per_sec': 100.0 * (epoch + 1)})
+        write_summary_row(folder, epoch, {'train_loss': 1.0, 'train_epoch_time': 2.0 + epoch,
+                                          'train_img_per_sec': 100.0 * (epoch + 1), 'eval_top1': 30.0 + 10 * epoch,
+                                          'eval_top5': 100.0})
     return folder
 
 

@@ -142,7 +142,9 @@ def plot_training_curves(analysis: Mapping[str, Any], path: PathLike) -> None:
         if not curve:
             continue
         colour, label = colours[s['group']], _group_label(analysis, s['group'])
-        ax_epoch.plot(curve['epoch'], curve['eval_top1'], linewidth=1.2,
+        validated = [i for i, v in enumerate(curve['eval_top1']) if v is not None]  # epochs without validation: empty
+        top1 = [curve['eval_top1'][i] for i in validated]
+        ax_epoch.plot([curve['epoch'][i] for i in validated], top1, linewidth=1.2,
                       **_labelled_once(ax_epoch, colour, label, seen_e))
         times = curve.get('epoch_time')
         if times and all(t is not None for t in times):
@@ -150,7 +152,7 @@ def plot_training_curves(analysis: Mapping[str, Any], path: PathLike) -> None:
             for t in times:
                 total += float(t)
                 cumulative.append(total)
-            ax_time.plot(cumulative, curve['eval_top1'], linewidth=1.2,
+            ax_time.plot([cumulative[i] for i in validated], top1, linewidth=1.2,
                          **_labelled_once(ax_time, colour, label, seen_t))
     ax_epoch.set_xlabel('epoch')
     ax_time.set_xlabel('cumulative training time (s; runs without epoch times are absent)')

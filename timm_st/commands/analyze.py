@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='BatchNorm statistics of each sub-network: the model\'s running ones, re-estimated '
                             'for every sub-network on --calib-images training images, or both')
     space.add_argument('--calib-images', type=int, default=2000,
-                       help='training images (fixed random subset, evaluation transform) per re-estimation')
+                       help='training images per re-estimation (a fixed random subset, under the run\'s training '
+                            'augmentation, seeded)')
     space.add_argument('--lesion', action='store_true',
                        help='also remove blocks singly, k at random and swap neighbours (Veit et al. 2016)')
     space.add_argument('--seed', type=int, default=0, help='seed of drawn sub-networks, calibration images, lesions')
@@ -487,9 +488,28 @@ def _check_calibration_split(data: DataSpec, img_mode: str, eval_dataset) -> int
     return len(train)
 
 
+# create_loader's training-augmentation arguments and the train.py options (args.yaml keys) that set them
+_TRAIN_AUGMENTATION = dict(
+    no_aug='no_aug', re_prob='reprob', re_mode='remode', re_count='recount', re_split='resplit',
+    train_crop_mode='train_crop_mode', scale='scale', ratio='ratio', hflip='hflip', vflip='vflip',
+    color_jitter='color_jitter', color_jitter_prob='color_jitter_prob', grayscale_prob='grayscale_prob',
+    gaussian_blur_prob='gaussian_blur_prob', auto_augment='aa')
+
+
+def _train_augmentation(source: Source) -> Dict[str, Any]:
+    """The training augmentation of a run (from its args.yaml, as train.py builds its loader; mixup/cutmix are
+    batch-level and not applied); timm's defaults for a model without a run."""
+    run_args = source.run.args if source.run is not None else {}
+    kwargs = {k: run_args[key] for k, key in _TRAIN_AUGMENTATION.items() if run_args.get(key) is not None}
+    interpolation = run_args.get('train_interpolation')
+    kwargs['interpolation'] = source.data_config['interpolation'] if run_args.get('no_aug') or not interpolation \
+        else interpolation
+    return kwargs
+
+
 def _loaders(source: Source, data: DataSpec, args, device, need_calibration: bool):
     """The evaluation loader (all of --split, or the fixed --max-samples subset) and, for recalibration, the
-    loader of the fixed --calib-images subset of --train-split; both with the source's evaluation transform."""
+    loader of the fixed --calib-images subset of --train-split under the run's training augmentation."""
     dataset = _create_dataset(data, data.split, source.input_img_mode)
     if args.max_samples is not None and args.max_samples < len(dataset):
         dataset = _FixedSubset(dataset, fixed_subset(len(dataset), args.max_samples, args.seed))
@@ -497,7 +517,11 @@ def _loaders(source: Source, data: DataSpec, args, device, need_calibration: boo
     if need_calibration:
         train = _create_dataset(data, data.train_split, source.input_img_mode)
         subset = _FixedSubset(train, fixed_subset(len(train), args.calib_images, args.seed))
-        calib_loader = _loader(subset, source.data_config, data, device)
+        config = source.data_config
+        calib_loader = create_loader(
+            subset, input_size=config['input_size'], batch_size=min(data.batch_size, len(subset)), is_training=True,
+            mean=config['mean'], std=config['std'], num_workers=data.workers, device=device,
+            persistent_workers=data.workers > 0, **_train_augmentation(source))
     return _loader(dataset, source.data_config, data, device), calib_loader
 
 
@@ -515,6 +539,8 @@ def _evaluate_source(source: Source, plans: List[SubnetPlan], modes: List[str], 
     per_mode, info = {}, {}
     for mode in modes:
         progress.set_description(f'{source.label} [BN {mode}]')
+        if mode == 'recalibrate':
+            torch.manual_seed(args.seed)  # the same augmented calibration batches for every source and run
         per_mode[mode] = evaluate_plans(
             model, plans[start:stop], eval_loader, device, bn=mode, calib_loader=calib_loader,
             calib_images=args.calib_images, autocast=autocast, channels_last=args.channels_last, progress=progress,
@@ -534,8 +560,8 @@ def _run_cost(run: Optional[RunFolder]) -> Dict[str, Optional[float]]:
     if run is None:
         return {k: None for k in COSTS}
     epochs = run.column('epoch')
-    img_per_sec = run.column('img_per_sec')
-    epoch_time = run.column('epoch_time')
+    img_per_sec = run.column('train_img_per_sec')  # timm-st train's train metrics, as timm's update_summary names them
+    epoch_time = run.column('train_epoch_time')
     clean = lambda values: [float(v) for v in values if v is not None] if values else []
     img_per_sec, epoch_time = clean(img_per_sec), clean(epoch_time)
     return {'epochs': len(epochs) if epochs else None,
@@ -615,9 +641,8 @@ def _assemble(setup, per_source, args, argv) -> Dict[str, Any]:
                   'members': _space_size(setup['max_drop']), 'evaluated': setup['plans_described'],
                   'stage_depths': list(plans[0].depths)},
         'bn_modes': modes,
-        'calibration': ({'images': min(args.calib_images, setup['train_size']), 'split': data.train_split,
-                         'transform': 'evaluation transform (deterministic)', 'seed': args.seed}
-                        if 'recalibrate' in modes else None),
+        'calibration': (_calibration_description(args, data, setup['train_size']) if 'recalibrate' in modes
+                        else None),
         'data': {'dataset': data.shown, 'split': data.split, 'classes': setup['num_classes'],
                  'max_samples': args.max_samples},
         'sources': sources_out,
@@ -625,10 +650,18 @@ def _assemble(setup, per_source, args, argv) -> Dict[str, Any]:
     }
 
 
+def _calibration_description(args, data: DataSpec, train_size: int) -> Dict[str, Any]:
+    subset = min(args.calib_images, train_size)
+    batch = min(data.batch_size, subset)
+    return {'images': subset // batch * batch, 'split': data.train_split, 'batch_size': batch, 'seed': args.seed,
+            'transform': "each run's training augmentation (args.yaml; timm's defaults without a run), "
+                         'on a fixed random subset, seeded; whole batches'}
+
+
 def _training_curve(run: Optional[RunFolder]) -> Optional[Dict[str, List]]:
     if run is None or not run.column('eval_top1'):
         return None
-    return {'epoch': run.column('epoch'), 'eval_top1': run.column('eval_top1'), 'epoch_time': run.column('epoch_time')}
+    return {'epoch': run.column('epoch'), 'eval_top1': run.column('eval_top1'), 'epoch_time': run.column('train_epoch_time')}
 
 
 def _write_outputs(analysis: Dict[str, Any], per_source, output_dir: Path) -> None:
