@@ -232,3 +232,20 @@ def test_ctrl_c_prints_where_to_resume_and_resumes(tmp_path, image_folder, capsy
     monkeypatch.setattr(train_module, '_train_criterion', lambda args, mixup: torch.nn.CrossEntropyLoss())
     assert main(shlex.split(command)[2:]) == 0
     assert summary_epochs(folder) == [0, 1] and (folder / 'results.json').is_file()
+
+
+def test_interrupted_continuation_leaves_a_consistent_folder(tmp_path, image_folder, monkeypatch):
+    """Continuing in place from epoch 0 then stopping: nothing of the abandoned epochs 1-2 is left to misread."""
+    folder = tmp_path / 'run'
+    assert main(argv(image_folder, tmp_path, 'run', '--epochs', 3)) == 0
+
+    def interrupt(i, loss):
+        if i == 1:  # second step of the continued epoch 1
+            raise KeyboardInterrupt
+        return loss
+    patch_loss(monkeypatch, interrupt)
+    assert main(argv(image_folder, tmp_path, 'run', '--epochs', 3, '--resume', folder / 'checkpoint-0.pth.tar')) == 130
+    assert summary_epochs(folder) == [0]
+    assert sorted(p.name for p in folder.glob('checkpoint-*')) == ['checkpoint-0.pth.tar']
+    assert checkpoint_epoch(folder / 'model_best.pth.tar') == 0
+    assert not (folder / 'results.json').exists()

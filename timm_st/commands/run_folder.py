@@ -23,8 +23,8 @@ import torch
 import yaml
 
 __all__ = ['RunFolderError', 'RunFolder', 'read_run', 'holds_run', 'build_model', 'read_checkpoint',
-           'CHECKPOINT_FILES', 'RUN_FILES', 'WRITTEN_BY_KEY', 'write_args', 'write_summary_row', 'write_results',
-           'clear_run']
+           'CHECKPOINT_FILES', 'RUN_FILES', 'WRITTEN_BY_KEY', 'write_args', 'write_summary_row', 'truncate_summary',
+           'write_results', 'clear_run']
 
 PathLike = Union[str, Path]
 
@@ -307,13 +307,8 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_summary_row(folder: PathLike, epoch: int, row: Mapping[str, Any]) -> None:
-    """Record `epoch` in summary.csv: rows of this and later epochs are replaced (a resumed run rewrites them),
-    the header is the union of all columns in order, and cells a row does not have stay empty.
-
-    The file is rewritten atomically, so it always holds exactly one header and strictly increasing epochs.
-    """
-    path = Path(folder) / 'summary.csv'
+def _summary_before(path: Path, epoch: int):
+    """(header, rows) of summary.csv without the rows of `epoch` and later (and without repeated headers)."""
     header: List[str] = []
     rows: List[Dict[str, str]] = []
     if path.is_file():
@@ -331,17 +326,38 @@ def write_summary_row(folder: PathLike, epoch: int, row: Mapping[str, Any]) -> N
                 except ValueError:
                     continue
                 rows.append(record)
-    new = {'epoch': str(epoch), **{k: _cell(v) for k, v in row.items()}}
-    for key in new:
-        if key not in header:
-            header.append(key)
-    rows.append(new)
+    return header, rows
+
+
+def _write_summary(path: Path, header: List[str], rows: List[Dict[str, str]]) -> None:
     with tempfile.SpooledTemporaryFile(mode='w+', newline='') as buffer:
         writer = csv.DictWriter(buffer, fieldnames=header, restval='')
         writer.writeheader()
         writer.writerows(rows)
         buffer.seek(0)
         _atomic_write(path, buffer.read())
+
+
+def write_summary_row(folder: PathLike, epoch: int, row: Mapping[str, Any]) -> None:
+    """Record `epoch` in summary.csv: rows of this and later epochs are replaced (a resumed run rewrites them),
+    the header is the union of all columns in order, and cells a row does not have stay empty.
+
+    The file is rewritten atomically, so it always holds exactly one header and strictly increasing epochs.
+    """
+    path = Path(folder) / 'summary.csv'
+    header, rows = _summary_before(path, epoch)
+    new = {'epoch': str(epoch), **{k: _cell(v) for k, v in row.items()}}
+    header += [key for key in new if key not in header]
+    _write_summary(path, header, rows + [new])
+
+
+def truncate_summary(folder: PathLike, epoch: int) -> None:
+    """Drop the rows of `epoch` and later from summary.csv (a run continued from an earlier checkpoint)."""
+    path = Path(folder) / 'summary.csv'
+    if path.is_file():
+        header, rows = _summary_before(path, epoch)
+        if header:
+            _write_summary(path, header, rows)
 
 
 def write_results(folder: PathLike, results: Mapping[str, Any]) -> None:

@@ -37,8 +37,8 @@ from ..method.config import StimulativeConfig
 from ..method.task import StimulativeTask
 from .digits import materialize_digits
 from .recipe import RecipeError, check_run, parse_args
-from .run_folder import (RUN_FILES, build_model, clear_run, holds_run, read_checkpoint, write_args, write_results,
-                         write_summary_row)
+from .run_folder import (RUN_FILES, build_model, clear_run, holds_run, read_checkpoint, truncate_summary, write_args,
+                         write_results, write_summary_row)
 
 __all__ = ['main', 'train', 'TrainingStopped']
 
@@ -192,7 +192,9 @@ def _check_run_options(args) -> None:
 
 def _rewind(folder: Path, start_epoch: int, saver) -> None:
     """Before continuing a run in place from epoch `start_epoch`: remove what the epochs being redone wrote
-    (their checkpoints, a best checkpoint from them, and results.json: the run is no longer finished)."""
+    (their summary rows and checkpoints, a best checkpoint from them, and results.json: the run is no longer
+    finished), so that an interrupted continuation leaves a consistent folder."""
+    truncate_summary(folder, start_epoch)
     for path in folder.glob('checkpoint-*.pth.tar'):
         if path.name[len('checkpoint-'):-len('.pth.tar')].isdigit() and int(path.name[11:-8]) >= start_epoch:
             path.unlink()
