@@ -14,6 +14,9 @@ one optimizer step):
 Under DDP the main pass and all but the last sub-network bypass the DDP wrapper; the last
 sub-network runs through it, so DDP's single reduction covers every accumulated gradient
 (DDP counts parameters used during its no-sync passes as used) and happens after all of them.
+
+`compile()` compiles each block of the stages in place (regional compilation, dynamic shapes), so
+the full network and every sub-network, at every input size, run the same compiled blocks.
 """
 import inspect
 import logging
