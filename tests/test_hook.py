@@ -42,9 +42,10 @@ from timm import utils
 from timm.task import ClassificationTask
 
 events = []
-# train.py's global parser reads the recipe (-c) and the command line; options with train.py's names and defaults
-config_parser = parser = argparse.ArgumentParser()
+# as train.py: config_parser reads the recipe path (-c), the global parser the rest, with the recipe as defaults
+config_parser = parser = argparse.ArgumentParser(add_help=False)
 parser.add_argument('-c', '--config', default='')
+parser = argparse.ArgumentParser()
 parser.add_argument('data', nargs='?')
 parser.add_argument('--data-dir', default=None)
 parser.add_argument('--dataset', default='')
@@ -65,6 +66,7 @@ parser.add_argument('--weight-decay', type=float, default=2e-5)
 parser.add_argument('--sched', default='cosine')
 parser.add_argument('--lr', type=float, default=None)
 parser.add_argument('--epochs', type=int, default=300)
+parser.add_argument('--warmup-epochs', type=int, default=5)
 parser.add_argument('--mixup', type=float, default=0.0)
 parser.add_argument('--cutmix', type=float, default=0.0)
 parser.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
@@ -77,8 +79,8 @@ parser.add_argument('--kd-model-name', default=None)
 parser.add_argument('--device-modules', nargs='+', default=None)
 
 
-def _parse_args(argv):
-    config, remaining = config_parser.parse_known_args(argv)
+def _parse_args():
+    config, remaining = config_parser.parse_known_args()  # sys.argv, as train.py
     if config.config:
         with open(config.config) as f:
             parser.set_defaults(**yaml.safe_load(f))
@@ -98,7 +100,7 @@ def validate(model, loader, loss_fn, args, device=torch.device('cpu'), amp_autoc
 
 
 def main():
-    args = ARGS if ARGS is not None else _parse_args(ARGV)
+    args = ARGS if ARGS is not None else _parse_args()
     if ACTIVATE:
         ACTIVATE(MODULE)  # as importing the device_modules does
     model = MODEL
@@ -147,15 +149,14 @@ def make_args(stimulative=None, **extra):
     return args
 
 
-def fake_train_module(tmp_path, args, name='train.py', activate=None, val_interval=1, source=FAKE_TRAIN_PY,
-                      argv=None):
-    """A stand-in timm train.py module; its main() uses `args`, or parses `argv` (recipe + command line) when
-    `args` is None."""
+def fake_train_module(tmp_path, args, name='train.py', activate=None, val_interval=1, source=FAKE_TRAIN_PY):
+    """A stand-in timm train.py module; its main() uses `args`, or parses sys.argv (recipe + command line) as
+    train.py does when `args` is None."""
     module = types.ModuleType('__main__')
     module.__file__ = str(tmp_path / name)
     g = torch.Generator().manual_seed(0)
     loader = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
-    module.__dict__.update(ARGS=args, ARGV=argv, ACTIVATE=activate, MODEL=tiny_model(), LOADER=loader,
+    module.__dict__.update(ARGS=args, ACTIVATE=activate, MODEL=tiny_model(), LOADER=loader,
                            MODULE=module, VAL_INTERVAL=val_interval)
     exec(compile(source, module.__file__, 'exec'), module.__dict__)
     return module

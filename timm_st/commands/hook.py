@@ -274,11 +274,23 @@ def _check_output_folder(args: Any) -> None:
         f'the folder')
 
 
+def _recipe_path(main_module: types.ModuleType, args: Any) -> str:
+    """The recipe train.py read: its `config_parser` takes `-c/--config` from the command line (sys.argv)."""
+    if getattr(args, 'config', None):
+        return args.config
+    config_parser = getattr(main_module, 'config_parser', None)
+    if not isinstance(config_parser, argparse.ArgumentParser):
+        raise UnsupportedTrainScript(
+            f'timm_st.commands.hook: {getattr(main_module, "__file__", "?")} has no global `config_parser` to find '
+            f'the recipe with. The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+    return getattr(config_parser.parse_known_args()[0], 'config', '') or ''
+
+
 def validate_run(main_module: types.ModuleType, args: argparse.Namespace
                  ) -> Tuple[Optional[dict], Optional[StimulativeConfig]]:
     """The validation `timm-st train` does, for the run this train.py is about to start -> (section, config).
 
-    Every recipe key (`args.config`) must be an option of this train.py's own `parser`, or one of
+    Every recipe key (the file of `-c/--config`) must be an option of this train.py's own `parser`, or one of
     timm-st's keys the hook honours (`stimulative`; `task`/`task_kwargs` naming this module's factory;
     `eval_subnets: 0`). Sets on `args`: recipe values converted as timm's newest config loader does
     (numeric strings), and for `dataset: digits` the demo's image folder. Raises RecipeError.
@@ -290,7 +302,8 @@ def validate_run(main_module: types.ModuleType, args: argparse.Namespace
             f'timm_st.commands.hook: {getattr(main_module, "__file__", "?")} has no global argument parser `parser` '
             f'to check the recipe against. The hook supports {SUPPORTED}. {_PATCH_HINT}.')
     known = {a.dest for a in parser._actions if a.dest != 'help'}
-    recipe = load_recipe(args.config) if getattr(args, 'config', '') else {}
+    path = _recipe_path(main_module, args)
+    recipe = load_recipe(path) if path else {}
     ours = {'stimulative', 'eval_subnets'}
     if not _has_task_option(main_module):  # the recipe's line for a patched train.py; the hook does that work here
         if recipe.get('task', FACTORY_PATH) != FACTORY_PATH:
@@ -307,7 +320,7 @@ def validate_run(main_module: types.ModuleType, args: argparse.Namespace
             f'with `timm-st analyze OUTPUT/EXPERIMENT --data-dir ...`, or run the recipe with timm-st train')
     check_keys([k for k in recipe if k not in ours], known, runner, timm_st_train_keys=option_names())
     for name, value in check_values(recipe, parser).items():
-        if getattr(args, name, None) is recipe[name]:  # still the recipe's value (not overridden on the command line)
+        if getattr(args, name, None) == recipe[name]:  # still the recipe's value (not overridden on the command line)
             setattr(args, name, value)
     if getattr(args, 'dataset', '') == 'digits':
         args.data_dir = str(materialize_digits(getattr(args, 'data_dir', None) or None))

@@ -20,6 +20,7 @@ import inspect
 import math
 import os
 import textwrap
+import warnings
 from dataclasses import fields
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -672,7 +673,9 @@ def _scheduler_builds(name: str) -> bool:
     from timm.scheduler import create_scheduler_v2
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     try:
-        scheduler, _ = create_scheduler_v2(optimizer, sched=name, num_epochs=10, updates_per_epoch=1)
+        with warnings.catch_warnings():  # e.g. timm's deprecation notice of 'plateau'
+            warnings.simplefilter('ignore')
+            scheduler, _ = create_scheduler_v2(optimizer, sched=name, num_epochs=10, updates_per_epoch=1)
     except (ValueError, KeyError, TypeError, AssertionError):
         return False
     return scheduler is not None
