@@ -140,6 +140,23 @@ def test_each_matches_tree_with_max_samples_and_input_size(bn):
         assert math.isclose(t['loss'], e['loss'], rel_tol=1e-6)
 
 
+def test_recalibration_runs_without_drop_path():
+    """Statistics are estimated on the network as it is evaluated: drop-path off, so they are
+    reproducible and the tree equals one by one also for a model trained with stochastic depth."""
+    torch.manual_seed(0)
+    model = _randomize_norms(CifarResNet(depths=(3, 3, 2), widths=(4, 8, 8), num_classes=CLASSES, drop_path_rate=0.5))
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        if hasattr(m, 'drop_path'):
+            m.drop_path = nn.Identity()
+    loader, calib = loaders(8)
+    plans = space_plans(subnet_stages(model))
+    kwargs = dict(bn='recalibrate', calib_loader=calib, calib_images=12)
+    tree = evaluate_plans(model, plans, loader, 'cpu', method='tree', **kwargs)
+    assert tree == evaluate_plans(model, plans, loader, 'cpu', method='each', **kwargs)
+    assert tree == evaluate_plans(plain, plans, loader, 'cpu', method='each', **kwargs)
+
+
 @pytest.mark.parametrize('family', [cifar_resnet, regnet])
 def test_recalibrated_statistics_equal_recalibrating_each_subnet_alone(family):
     model, size = family()
@@ -240,6 +257,7 @@ def test_models_without_a_split_are_evaluated_one_by_one_and_say_so():
     info = {}
     auto = evaluate_plans(model, plans, loader, 'cpu', info=info)
     assert info['method'] == 'each' and 'no tree split' in info['reason']
+    assert info['block_evaluations_per_batch'] == info['block_evaluations_each_per_batch'] == 1 + 2 + 3
     assert auto == evaluate_plans(model, plans, loader, 'cpu', method='each')
     with pytest.raises(ValueError, match="method='tree': no tree split"):
         evaluate_plans(model, plans, loader, 'cpu', method='tree')
@@ -265,6 +283,9 @@ def test_bad_arguments_fail_before_any_work():
     plans = space_plans(subnet_stages(model))
     with pytest.raises(ValueError, match='calib_loader'):
         evaluate_plans(model, plans, loader, 'cpu', bn='recalibrate')
+    for method in ('tree', 'each'):
+        with pytest.raises(ValueError, match='calibration loader produced no images'):
+            evaluate_plans(model, plans, loader, 'cpu', bn='recalibrate', calib_loader=[], method=method)
     with pytest.raises(ValueError, match="bn='both'"):
         evaluate_plans(model, plans, loader, 'cpu', bn='both')
     with pytest.raises(ValueError, match='method'):

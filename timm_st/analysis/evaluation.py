@@ -168,6 +168,9 @@ def sample_eval_plans(stages: List[Stage], space: Union[str, Mapping] = 'default
 # Many networks at once: routes (block order per stage + input size), by tree or one by one.
 # ------------------------------------------------------------------------------------------------
 
+_NO_CALIBRATION = 'evaluate_plans: the calibration loader produced no images; give calib_loader some training images'
+
+
 class SplitMismatch(RuntimeError):
     """The registered `TreeSplit` does not reproduce the model's own forward."""
 
@@ -221,6 +224,8 @@ def _evaluate_each(model, stages, routes, loader, device, bn, calib, autocast, c
                    progress, on_logits) -> torch.Tensor:
     """The reference: each route on its own, the model's own forward under `use_subnet`."""
     calib_images = list(calib) if bn == 'recalibrate' else []
+    if bn == 'recalibrate' and not calib_images:
+        raise ValueError(_NO_CALIBRATION)
     totals = torch.zeros(len(routes), 4, dtype=torch.float64, device=device)
     for i, (blocks, size) in enumerate(routes):
         with _blocks_in_order(stages, blocks), (_own_statistics(model) if calib_images else nullcontext()):
@@ -253,17 +258,16 @@ def _verify_split(model, split, stages, x, autocast) -> None:
 
 @torch.no_grad()
 def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
-                   progress, on_logits, info) -> torch.Tensor:
+                   progress, on_logits) -> torch.Tensor:
     tree = PrefixTree(routes)
     runner = TreeRunner(model, split, stages, tree)
     totals = torch.zeros(len(routes), 4, dtype=torch.float64, device=device)
-    info['block_evaluations_per_batch'], info['block_evaluations_each_per_batch'] = tree.block_evaluations()
     eval_batches = iter(loader)
     if bn == 'recalibrate':
         calib = iter(calib)
         first = next(calib, None)
         if first is None:
-            raise ValueError('evaluate_plans: the calibration loader produced no images')
+            raise ValueError(_NO_CALIBRATION)
         _verify_split(model, split, stages, first, autocast)
         runner.calibrate(itertools.chain([first], calib), autocast, lambda: _report(progress, len(routes)))
     else:
@@ -335,7 +339,10 @@ def evaluate_routes(
     if method == 'tree' and not supported:
         raise ValueError(f"method='tree': {reason}; use method='each'")
     chosen = 'tree' if method != 'each' and supported else 'each'
-    info.update(method=chosen, reason=reason if method == 'auto' else f'method={method!r} requested')
+    tree_blocks, each_blocks = PrefixTree(routes).block_evaluations()
+    info.update(method=chosen, reason=reason if method == 'auto' else f'method={method!r} requested',
+                block_evaluations_per_batch=tree_blocks if chosen == 'tree' else each_blocks,
+                block_evaluations_each_per_batch=each_blocks)
     if chosen == 'each' and method == 'auto':
         _logger.info(f'Evaluating {len(routes)} sub-networks one by one: {reason}')
 
@@ -347,12 +354,12 @@ def evaluate_routes(
     with _all_modes_kept(model):
         if chosen == 'tree':
             try:
-                totals = _evaluate_tree(model, stages, tree_split(model), routes, *args, calib(), *rest, info)
+                totals = _evaluate_tree(model, stages, tree_split(model), routes, *args, calib(), *rest)
             except SplitMismatch as e:
                 if method == 'tree':
                     raise
                 _logger.warning(f'{e}; evaluating one by one instead')
-                info.update(method='each', reason=str(e))
+                info.update(method='each', reason=str(e), block_evaluations_per_batch=each_blocks)
                 chosen = 'each'
         if chosen == 'each':
             totals = _evaluate_each(model, stages, routes, *args, calib(), *rest)
@@ -391,7 +398,9 @@ def evaluate_plans(
     sub-network on one batch, so the total is `len(plans) * (len(loader) + calibration batches)`.
     distributed: sum the counts over ranks (every rank evaluates every plan on its shard).
     on_logits: called as `on_logits(plan_index, logits, targets)` for every counted batch of every plan.
-    info: a dict, filled with how the evaluation ran ('method', 'reason', block evaluations per batch).
+    info: a dict, filled with how the evaluation ran: 'method' ('tree' or 'each'), 'reason' (a line),
+    'block_evaluations_per_batch' (blocks run per batch by that method) and
+    'block_evaluations_each_per_batch' (what one by one runs).
     The model's parameters, buffers and train/eval flags are unchanged afterwards, also on error.
     """
     results = evaluate_routes(
