@@ -255,3 +255,24 @@ def test_bad_input_fails_before_any_evaluation(case, expected, tmp_path, image_f
     assert err.startswith('timm-st analyze: error: ') and expected in err, err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow  # about 12 s (two interpreters); the split itself is covered by test_shards_cover_every_plan_once_in_order
+def test_two_ranks_split_the_subnetworks_and_rank0_reports_them_all(tmp_path, image_folder):
+    """torchrun with 2 gloo CPU ranks: the same analysis as one process, every sub-network evaluated once."""
+    import os
+    import subprocess
+    import sys
+    run = _timm_st_run(tmp_path / 'run', _model())
+    common = [str(run), '--data-dir', str(image_folder), '--device', 'cpu']
+    assert _run(common + ['--output', tmp_path / 'single']) == 0
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    done = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2',
+         '-m', 'timm_st', 'analyze', *common, '--output', str(tmp_path / 'ranks')],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = json.loads((tmp_path / 'single' / 'analysis.json').read_text())['sources'][0]['subnets']
+    ranks = json.loads((tmp_path / 'ranks' / 'analysis.json').read_text())['sources'][0]['subnets']
+    assert [(e['depths'], e['running']['top1'], e['running']['samples']) for e in ranks] == [
+        (e['depths'], e['running']['top1'], e['running']['samples']) for e in single]

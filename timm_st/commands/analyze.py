@@ -597,6 +597,7 @@ def analyze(args, argv: Sequence[str]) -> Dict[str, Any]:
             per_source.append((s, flops_cache[key], measured))
     if args.distributed:
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if not primary:
         return {}
     analysis = _assemble(setup, per_source, args, argv)
@@ -615,7 +616,7 @@ def _assemble(setup, per_source, args, argv) -> Dict[str, Any]:
             entry = {'depths': list(plan.depths), 'full': i == 0, 'relative_flops': flops[i]}
             for mode in modes:
                 m = measured['per_mode'][mode][i]
-                entry[mode] = {'top1': m['top1'], 'top5': m['top5'], 'loss': m['loss']}
+                entry[mode] = {'top1': m['top1'], 'top5': m['top5'], 'loss': m['loss'], 'samples': m['samples']}
             subnets.append(entry)
         stats = {mode: subnet_statistics(subnets[0][mode]['top1'], [e[mode]['top1'] for e in subnets[1:]])
                  for mode in modes}
