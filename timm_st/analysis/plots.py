@@ -30,6 +30,15 @@ def _labelled_once(ax, colour, label, seen, **kwargs) -> Dict[str, Any]:
     return kwargs
 
 
+def _finish(ax, analysis, xlabel: str, title: str, ylabel: str = 'top-1 (%)') -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title=_legend_title(analysis), fontsize=8)
+
+
 def _save(fig, path: PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -65,11 +74,7 @@ def plot_top1_vs_flops(analysis: Mapping[str, Any], path: PathLike) -> None:
                        **_labelled_once(ax, colours[s['group']], label, seen))
             ax.scatter([full['relative_flops']], [full[mode]['top1']], marker='*', s=160, edgecolors='black',
                        linewidths=0.6, color=colours[s['group']], zorder=3)
-        ax.set_xlabel('relative FLOPs (full network = 1)')
-        ax.set_ylabel('top-1 (%)')
-        ax.set_title(f'sub-networks, BN {mode} (star: full network)')
-        ax.grid(alpha=0.3)
-        ax.legend(title=_legend_title(analysis), fontsize=8)
+        _finish(ax, analysis, 'relative FLOPs (full network = 1)', f'sub-networks, BN {mode} (star: full network)')
     _save(fig, path)
 
 
@@ -87,11 +92,7 @@ def plot_accuracy_profile(analysis: Mapping[str, Any], path: PathLike) -> None:
             ax.plot(range(1, len(values) + 1), values, linewidth=1.4, alpha=0.85,
                     **_labelled_once(ax, colour, _group_label(analysis, s['group']), seen))
             ax.axhline(full, color=colour, linestyle='--', linewidth=0.8, alpha=0.6)
-        ax.set_xlabel('sub-network rank (best first)')
-        ax.set_ylabel('top-1 (%)')
-        ax.set_title(f'sorted sub-network accuracy, BN {mode} (dashed: full)')
-        ax.grid(alpha=0.3)
-        ax.legend(title=_legend_title(analysis), fontsize=8)
+        _finish(ax, analysis, 'sub-network rank (best first)', f'sorted sub-network accuracy, BN {mode} (dashed: full)')
     _save(fig, path)
 
 
@@ -120,15 +121,9 @@ def plot_lesions(analysis: Mapping[str, Any], path: PathLike) -> None:
         ax_single.scatter([position[(r['stage'], r['blocks'][0])] for r in swaps], [r['top1'] for r in swaps],
                           marker='x', color=colour, s=25)
         ax_single.axhline(full, color=colour, linestyle='--', linewidth=0.8, alpha=0.6)
-    ax_k.set_xlabel('droppable blocks removed at random')
-    ax_k.set_ylabel('top-1 (%)')
-    ax_k.set_title('random lesions (band: std over draws)')
-    ax_single.set_xlabel('droppable block (network order)')
-    ax_single.set_ylabel('top-1 (%)')
-    ax_single.set_title('o: block removed alone, x: swapped with the next (dashed: intact)')
-    for ax in (ax_k, ax_single):
-        ax.grid(alpha=0.3)
-        ax.legend(title=_legend_title(analysis), fontsize=8)
+    _finish(ax_k, analysis, 'droppable blocks removed at random', 'random lesions (band: std over draws)')
+    _finish(ax_single, analysis, 'droppable block (network order)',
+            'o: block removed alone, x: swapped with the next (dashed: intact)')
     _save(fig, path)
 
 
@@ -154,12 +149,7 @@ def plot_training_curves(analysis: Mapping[str, Any], path: PathLike) -> None:
                 cumulative.append(total)
             ax_time.plot([cumulative[i] for i in validated], top1, linewidth=1.2,
                          **_labelled_once(ax_time, colour, label, seen_t))
-    ax_epoch.set_xlabel('epoch')
-    ax_time.set_xlabel('cumulative training time (s; runs without epoch times are absent)')
-    for ax in (ax_epoch, ax_time):
-        ax.set_ylabel('eval top-1 (%)')
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(title=_legend_title(analysis), fontsize=8)
-    ax_epoch.set_title('training curves (summary.csv)')
+    _finish(ax_epoch, analysis, 'epoch', 'training curves (summary.csv)', 'eval top-1 (%)')
+    _finish(ax_time, analysis, 'cumulative training time (s; runs without epoch times are absent)', '',
+            'eval top-1 (%)')
     _save(fig, path)
