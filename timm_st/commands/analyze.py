@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--train-split', default=None, help='split whose images re-estimate BatchNorm (default: train)')
     data.add_argument('--batch-size', type=int, default=None, help='evaluation batch size (default: the run\'s, else 256)')
     data.add_argument('--workers', type=int, default=None, help='loader processes (default: the run\'s, else 4)')
-    data.add_argument('--max-samples', type=int, default=None, help='evaluate on the first N images only')
+    data.add_argument('--max-samples', type=int, default=None,
+                      help='evaluate on a fixed random subset of N images (--seed), the same for every source')
     space = p.add_argument_group('sub-networks')
     space.add_argument('--space', default=None,
                        help=f'{"|".join(list_sample_spaces())} or a mapping such as \'{{"max_drop": [4, 4, 4]}}\' '
