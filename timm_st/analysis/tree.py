@@ -4,7 +4,9 @@ Ordered sub-networks share prefixes: the depth-k output of a stage is the depth-
 one block, and every sub-network with the same stage-1..s depths shares everything up to stage s.
 A `PrefixTree` holds one node per distinct prefix (input size, stem, stage entries, blocks, head);
 `TreeRunner` walks it depth-first per batch, so each node runs once per batch whatever the number
-of sub-networks below it, and keeps only the activations along the current path.
+of sub-networks below it. It keeps only activations along the current path, and visits the child
+that continues a stage last (after freeing its parent's output), so for an ordered space it holds
+about one activation per stage, not one per block.
 
 To run pieces of a model, a family registers a `TreeSplit` (stem, optional per-stage entry, head)
 beside its sub-network adapter; the blocks are the children of the adapter's stage containers.
@@ -14,7 +16,8 @@ BatchNorm re-estimation: in train-mode BN the activations along a path do not de
 statistics, so one tree pass over the calibration images accumulates every node's own statistics
 (a block's statistics depend on its whole prefix, so they belong to tree nodes, not to blocks).
 The norm layers' buffers are swapped per node by forward pre-hooks; the model's own buffers are
-never written.
+never written. Every node keeps its statistics until the evaluation pass is done: a mean and a
+variance per channel of the norms it runs (a few MiB for ResNet-50's 216-member default space).
 """
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -131,6 +134,8 @@ class PrefixTree:
                     child = node.children[token] = _Node(token)
                 node = child
             node.route_ids.append(i)
+        for node in self.nodes():  # continue a stage last: its parent's activation is freed before the long chain
+            node.children = dict(sorted(node.children.items(), key=lambda item: item[0][0] == 'block'))
 
     def nodes(self) -> Iterator[_Node]:
         stack = list(self.root.children.values())
