@@ -469,3 +469,14 @@ def test_demo_recipes_are_named_by_their_settings():
     root = Path(__file__).parent.parent / 'recipes'
     assert _method(yaml.safe_load((root / 'demo_digits.yaml').read_text())['stimulative'])[0] == 'st'
     assert _method(yaml.safe_load((root / 'st_r50.yaml').read_text())['stimulative'])[0] == 'stpp'
+
+
+def test_exports_a_run_of_timm_train_py(tmp_path):
+    """A folder written by timm's train.py (no results.json, EMA metrics in its eval columns) publishes too."""
+    from test_run_folder import _train_py_folder
+    folder, model = _train_py_folder(tmp_path, ema=True)
+    out = export_checkpoint(folder, tmp_path / 'export', ema=True)
+    card = (out / 'README.md').read_text()
+    assert 'Evaluated by `train.py` on the validation split' in card
+    assert '| **Full network (published)** | EMA, epoch 2 | **60.00** | 100.00 |' in card
+    assert '| Full network | plain' not in card  # train.py did not record the plain weights' accuracy

@@ -342,7 +342,7 @@ def _model_card(run: TrainingRun, model: torch.nn.Module, data_config: Dict[str,
             'license': license, 'library_name': 'timm', 'description': description, 'details': details,
             'usage': usage}
     text = generate_readme(card, model_name)
-    text += _results_section(run, tag)
+    text += _results_section(run, tag, data_config)
     text += _settings_section(run, tag, strategies)
     text += _recipe_section(run, recipe_text)
     text += _cost_section(run)
@@ -353,15 +353,15 @@ def _model_card(run: TrainingRun, model: torch.nn.Module, data_config: Dict[str,
     return text
 
 
-def _results_section(run: TrainingRun, tag: str) -> str:
+def _results_section(run: TrainingRun, tag: str, data_config: Dict[str, Any]) -> str:
     which = 'EMA' if run.ema else 'plain'
     text = '\n## Results\n'
     split = (f'**the training data** (`{run.args.get("train_split", "train")}`, explicit `eval_on_train`: these '
              f'numbers are not held-out accuracy)' if run.eval_on_train else
              f'the validation split (`{run.args.get("val_split", "validation")}`)')
     text += (f'Evaluated by `{run.folder.written_by}` on {split} at '
-             f'{run.results.get("eval_input_size", ["?", "?", "?"])[-1]} px, crop_pct '
-             f'{run.results.get("eval_crop_pct")}; top-1 / top-5 accuracy in %.\n\n')
+             f'{data_config["input_size"][-1]} px, crop_pct {data_config["crop_pct"]}; top-1 / top-5 accuracy '
+             f'in %.\n\n')
     text += '| Network | Weights | Top-1 | Top-5 |\n|---|---|---|---|\n'
     published = run.metrics_at_checkpoint(run.ema)
     epoch = f'epoch {run.epoch + 1}' if isinstance(run.epoch, int) else 'chosen epoch'
@@ -472,7 +472,7 @@ def _cost_section(run: TrainingRun) -> str:
         lines.append(f'- **Training time:** {_duration(total)} of training steps over the logged epochs '
                      f'({_duration(total / len(times))} per epoch, evaluation not included)')
     else:
-        lines.append('- **Throughput / time:** not recorded (no summary.csv)')
+        lines.append('- **Throughput / time:** not recorded (summary.csv has no epoch time: a train.py run, or none)')
     lines.append(f'- **Hardware:** {world} x {device}')
     if batch:
         lines.append(f'- **Batch:** {batch} per device x {world} device(s) x {accum} accumulation step(s) = '
