@@ -444,10 +444,11 @@ def workdir(tmp_path_factory):
 
 
 def recipe(path, stimulative=None, device_modules=('timm_st.commands.hook', RECORDER), **extra):
-    """A one-epoch CPU recipe: 3 steps of 8 images, fp32, no augmentation randomness, workers 0."""
-    keys = dict(model='resnet20_cifar', num_classes=3, img_size=16, crop_pct=1.0, batch_size=8, epochs=1,
-                warmup_epochs=0, lr=0.05, workers=0, no_aug=True, no_prefetcher=True, mixup=0.0, cutmix=0.0,
-                seed=42, log_interval=1, device_modules=list(device_modules), **extra)
+    """A one-epoch CPU recipe: 3 steps of 8 images, fp32, no augmentation randomness, one loader worker
+    (timm's loader before 1.0.29 refuses workers 0 in train.py)."""
+    keys = {**dict(model='resnet20_cifar', num_classes=3, img_size=16, crop_pct=1.0, batch_size=8, epochs=1,
+                   warmup_epochs=0, lr=0.05, workers=1, no_aug=True, no_prefetcher=True, mixup=0.0, cutmix=0.0,
+                   seed=42, log_interval=1, device_modules=list(device_modules)), **extra}
     if stimulative is not None:
         keys['stimulative'] = stimulative
     path.write_text(yaml.safe_dump(keys))
