@@ -428,7 +428,7 @@ def train(args, config: Optional[StimulativeConfig], argv: Optional[Sequence[str
                 task.set_epoch(epoch)
             train_metrics = _train_one_epoch(
                 epoch, num_epochs, task, loader_train, optimizer, args, device, lr_scheduler, amp_autocast,
-                loss_scaler, mixup_fn, folder, saved_epoch)
+                loss_scaler, mixup_fn, saver, folder, saved_epoch)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
             lrs = [g['lr'] for g in optimizer.param_groups]
@@ -498,7 +498,7 @@ def _nonfinite_stop(epoch: int, step: int, limit: int, folder: Optional[Path], s
 
 
 def _train_one_epoch(epoch, num_epochs, task, loader, optimizer, args, device, lr_scheduler, amp_autocast,
-                     loss_scaler, mixup_fn, folder, saved_epoch) -> Dict[str, float]:
+                     loss_scaler, mixup_fn, saver, folder, saved_epoch) -> Dict[str, float]:
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and getattr(loader, 'mixup_enabled', False):
             loader.mixup_enabled = False
@@ -563,6 +563,10 @@ def _train_one_epoch(epoch, num_epochs, task, loader, optimizer, args, device, l
             task.update_ema(step=num_updates)
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
+            update_idx = batch_idx // accum
+            if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+                if not limit or stop_step.item() < 0:  # as train.py; never a recovery point after a NaN/inf loss
+                    saver.save_recovery(epoch, batch_idx=update_idx)
         check = batch_idx % progress.log_interval == 0 or batch_idx == num_batches - 1
         if limit and check:
             if args.distributed:  # every rank stops together
