@@ -515,7 +515,7 @@ def test_hook_route_trains_one_epoch(hook_run, workdir):
     assert 'timm_st.commands.hook: stimulative training' in output and 'StimulativeTask' in output
     assert len(losses(records)) == 3 and len(plans(records)) == 3 * STIMULATIVE['num_subnets']
     assert all(r['epoch'] == 0 for r in records if 'loss' in r)
-    assert output.count('Re-estimated BatchNorm statistics on 16 training images (epoch 0)') == 1
+    assert output.count('Re-estimated BatchNorm statistics of the model on 16 training images (epoch 0)') == 1
     assert output.index('Re-estimated BatchNorm') < output.index('Test: [')
     assert result_json(output)[0]['epoch'] == 0
     checkpoint = torch.load(workdir / 'out' / 'hook' / 'last.pth.tar', map_location='cpu', weights_only=False)
@@ -581,35 +581,8 @@ def test_patched_route_trains_one_epoch(patched_train_py, workdir, hook_run):
     assert rc == 0, output[-3000:]
     assert 'timm_st.commands.hook: stimulative training' not in output  # no hook at work: the --task option built it
     assert 'StimulativeTask' in output
-    assert output.count('Re-estimated BatchNorm statistics on 8 training images (epoch 0)') == 1
+    assert output.count('Re-estimated BatchNorm statistics of the model on 8 training images (epoch 0)') == 1
     # the same run as the hook route: same plans, same losses
     assert plans(records) == plans(hook_run[0]) and losses(records) == losses(hook_run[0])
 
-
-@needs_train_py
-def test_same_plans_and_losses_as_timm_st_train(hook_run, workdir, monkeypatch):
-    """Parity: one epoch of the same recipe and seed through timm's train.py (hook route) and
-    through `timm-st train` draws the same sub-networks and gives the same losses (CPU, fp32)."""
-    from timm_st.method.task import StimulativeTask as Task
-    from timm_st.commands.train import main
-    record = workdir / 'cli.jsonl'
-    record.unlink(missing_ok=True)
-    monkeypatch.setenv('ST_RECORD', str(record))
-    monkeypatch.syspath_prepend(str(workdir / 'plugins'))
-    monkeypatch.setattr(Task, '_sample', Task._sample)  # restored after the test (the recorder patches them)
-    monkeypatch.setattr(Task, 'forward', Task.forward)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the train.py subprocess (OMP_NUM_THREADS=1)
-    try:
-        rc = main(['-c', str(workdir / 'st.yaml'), '--data-dir', str(workdir / 'data'), '--device', 'cpu',
-                   '--output', str(workdir / 'out'), '--experiment', 'cli', '--eval-subnets', '0'])
-    finally:
-        torch.set_num_threads(threads)
-        sys.modules.pop(RECORDER, None)
-    assert rc == 0
-    records = read_records(record)
-    train_py = hook_run[0]
-    assert len(plans(train_py)) == 6
-    assert plans(records) == plans(train_py)
-    assert [r['target'] for r in records if 'loss' in r] == [r['target'] for r in train_py if 'loss' in r]
-    assert losses(records) == losses(train_py)
+# parity with timm-st train (plans, losses, validation) for ST, ST++ and criterion cases: tests/test_parity.py

@@ -345,6 +345,8 @@ def test_every_stimulative_key_has_a_description():
     ({'num_subnets': 0}, True),
     ({'num_subnets': 0, 'loss': 'kl_direction'}, False),  # the main criterion sees layer-normalised logits
     ({'num_subnets': 1}, False),
+    ({'num_subnets': 2, 'coef': 0}, True),
+    ({'num_subnets': 2, 'coef': 0, 'loss': 'kl_direction'}, False),
 ])
 def test_is_common_training(section, common):
     assert StimulativeConfig.from_dict(section).is_common_training is common

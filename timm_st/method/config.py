@@ -112,8 +112,9 @@ class StimulativeConfig:
 
     @property
     def is_common_training(self) -> bool:
-        """No sub-networks and the main criterion on the plain logits: exactly common training."""
-        return self.num_subnets == 0 and not self.normalizes_main_logits
+        """No sub-network loss (`num_subnets: 0` or `coef: 0`) and the main criterion on the plain logits:
+        exactly common training."""
+        return (self.num_subnets == 0 or self.coef == 0) and not self.normalizes_main_logits
 
     def check_targets(self, soft_targets: bool) -> None:
         """Fail early when the loss needs class-index targets but mixup/cutmix will make soft ones."""
