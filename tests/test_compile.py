@@ -1,5 +1,6 @@
 """Compiled steps: every block compiled on its own (full network and sub-networks), a bounded number
 of compilations over many ST++ steps, gradients equal to the eager step's; GPU precision checks."""
+import contextlib
 import copy
 
 import pytest
@@ -184,7 +185,7 @@ def _gpu_step(model, x, y, amp_dtype=None, scaler=None, compile_backend=None):
     task = StimulativeTask(model, {**ST_PP, 'num_subnets': 3}, verbose=False)
     if compile_backend:
         task.compile(backend=compile_backend)
-    with torch.autocast('cuda', dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with torch.autocast('cuda', dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
         loss = task(x, y)['loss']
     if scaler is not None:
         scale = scaler.get_scale()
