@@ -41,7 +41,7 @@ from .run_folder import (CHECKPOINT_FILES, TIMM_ST_TRAIN, RunFolderError, build_
 __all__ = ['PublishError', 'export_checkpoint', 'publish', 'main', 'CHECKPOINT_FILES', 'CITATIONS']
 
 # keys of args.yaml that describe this machine or this run's files, not the training recipe
-_LOCAL_KEYS = ('data_dir', 'output', 'experiment', 'resume', 'device', 'device_modules', 'config',
+_LOCAL_KEYS = ('data_dir', 'output', 'experiment', 'resume', 'overwrite', 'device', 'device_modules', 'config',
                'log_wandb', 'wandb_project', 'wandb_tags')
 # pretrained_cfg fields inherited from the architecture's default (e.g. resnet18.a1_in1k) that would
 # describe someone else's weights
