@@ -17,7 +17,7 @@ import yaml
 import timm_st.commands.hook as hook
 import timm_st.commands.recipe as recipe_module
 from conftest import write_image_folder
-from test_hook import fake_train_module
+from test_hook import FAKE_TRAIN_PY, fake_train_module
 from timm_st import StimulativeConfig, StimulativeTask
 from timm_st.commands.recipe import RecipeError, build_parser, parse_args
 from timm_st.commands.train import main as timm_st_train
@@ -350,3 +350,33 @@ def test_every_stimulative_key_has_a_description():
 ])
 def test_is_common_training(section, common):
     assert StimulativeConfig.from_dict(section).is_common_training is common
+
+
+PATCHED_TRAIN_PY = FAKE_TRAIN_PY.replace(
+    "parser.add_argument('--device-modules', nargs='+', default=None)\n",
+    "parser.add_argument('--device-modules', nargs='+', default=None)\n"
+    "parser.add_argument('--task', default=None)\n"
+    "parser.add_argument('--task-kwargs', nargs='*', default={})\n")
+
+
+@pytest.mark.parametrize('keys,words', [
+    ({'weight_decy': 0.1}, ["'weight_decy'"]),
+    ({'task_kwargs': {'num_subnets': -1}}, ['stimulative.num_subnets', '-1']),
+    ({'lr': math.nan}, ['lr must be']),
+])
+def test_patched_task_route_validated_the_same(tmp_path, capsys, monkeypatch, image_folder, output, keys, words):
+    """train.py with the --task option (patches/): importing the hook (as --task resolution does) validates."""
+    assert '--task' in PATCHED_TRAIN_PY
+    path = write_recipe(tmp_path / 'r.yaml', {**RECIPE, 'task': hook.FACTORY_PATH, 'stimulative': ST, **keys})
+    monkeypatch.setattr(sys, 'argv', ['train.py', '-c', path, '--data-dir', str(image_folder), '--output',
+                                      str(output), '--experiment', 'new'])
+    module = fake_train_module(tmp_path, None, activate=hook.activate, source=PATCHED_TRAIN_PY)
+    before = snapshot(output)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    assert info.value.code == 2 and module.events == []
+    line = one_line(capsys.readouterr().err, 'timm_st: error: ')
+    for word in words:
+        assert word in line, (word, line)
+    assert snapshot(output) == before
