@@ -276,3 +276,16 @@ def test_two_ranks_split_the_subnetworks_and_rank0_reports_them_all(tmp_path, im
     ranks = json.loads((tmp_path / 'ranks' / 'analysis.json').read_text())['sources'][0]['subnets']
     assert [(e['depths'], e['running']['top1'], e['running']['samples']) for e in ranks] == [
         (e['depths'], e['running']['top1'], e['running']['samples']) for e in single]
+
+
+def test_recalibration_is_reproducible_and_its_images_are_stated(tmp_path, image_folder):
+    """Augmented calibration batches are seeded: the same command gives the same numbers."""
+    run = _timm_st_run(tmp_path / 'run', _model(), scale=[0.5, 1.0], hflip=0.5)
+    results = []
+    for name in ('a', 'b'):
+        assert _run([run, '--data-dir', image_folder, '--output', tmp_path / name, '--bn', 'recalibrate',
+                     '--calib-images', '20', '--batch-size', '8', '--subnets', '3', '--max-samples', '9']) == 0
+        results.append(json.loads((tmp_path / name / 'analysis.json').read_text()))
+    assert results[0]['sources'][0]['subnets'] == results[1]['sources'][0]['subnets']
+    assert results[0]['calibration']['images'] == 16  # 20 of the 24 training images, in whole batches of 8
+    assert all(e['recalibrate']['samples'] == 9 for e in results[0]['sources'][0]['subnets'])

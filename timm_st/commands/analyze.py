@@ -541,7 +541,7 @@ def _evaluate_source(source: Source, plans: List[SubnetPlan], modes: List[str], 
     for mode in modes:
         progress.set_description(f'{source.label} [BN {mode}]')
         if mode == 'recalibrate':
-            torch.manual_seed(args.seed)  # the same augmented calibration batches for every source and run
+            utils.random_seed(args.seed)  # torch, numpy, random: the same augmented calibration batches every time
         per_mode[mode] = evaluate_plans(
             model, plans[start:stop], eval_loader, device, bn=mode, calib_loader=calib_loader,
             calib_images=args.calib_images, autocast=autocast, channels_last=args.channels_last, progress=progress,
