@@ -244,6 +244,26 @@ def test_lr_scaling_recorded_as_train_py(tmp_path, image_folder):
     assert args['lr_base_scale'] == 'sqrt' and args['lr'] == pytest.approx(0.4 * (8 / 256) ** 0.5, rel=1e-12)
 
 
+def _loader_takes_sizes():
+    import inspect
+    from timm.data import create_loader
+    return 'input_size_choices' in inspect.signature(create_loader).parameters
+
+
+@pytest.mark.skipif(not _loader_takes_sizes(), reason='train_img_sizes needs timm >= 1.0.29')
+def test_lr_scaling_with_several_training_sizes_uses_the_average_batch(tmp_path, image_folder):
+    """train.py (newest main): with train_img_sizes the reference batch is the policy-average batch size."""
+    base = [a for a in BASE]
+    i = base.index('--lr')
+    del base[i:i + 2]
+    run(['--data-dir', image_folder, '--output', tmp_path, '--experiment', 'sizes'] + base
+        + ['--epochs', '1', '--lr-base', '0.4', '--eval-subnets', '0', '--train-img-sizes', '16', '12',
+           '--train-batch-sizes', '8', '4'])
+    import yaml
+    args = yaml.safe_load((tmp_path / 'sizes' / 'args.yaml').read_text())
+    assert args['lr_base_scale'] == 'linear' and args['lr'] == pytest.approx(0.4 * ((8 + 4) / 2) / 256, rel=1e-12)
+
+
 def test_ema_batchnorm_reestimated_before_validation():
     """bn: update + recalibrate_bn: before validation the EMA model's BN statistics are re-estimated too, on the
     same images, exactly as a fresh equal-weight average over those batches."""

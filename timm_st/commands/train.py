@@ -305,8 +305,39 @@ def train(args, config: Optional[StimulativeConfig], argv: Optional[Sequence[str
     else:
         task = ClassificationTask(model, criterion=criterion, device=device, verbose=primary)
 
+    collate_fn, mixup_fn = None, None
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if args.prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    common = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
+                  distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                  use_prefetcher=args.prefetcher, persistent_workers=args.workers > 0)
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob, gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats, interpolation=train_interpolation, worker_seeding=args.worker_seeding,
+        collate_fn=collate_fn, **_train_size_kwargs(args), **common)
+    loader_eval = create_loader(
+        dataset_eval, input_size=data_config['input_size'],
+        batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    eval_limit = len(dataset_eval)
+
     if not args.lr:  # as timm's train.py, which also records the scaling rule it chose in args
-        global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+        # with several training sizes timm's scheduled sampler gives the policy-average batch size
+        reference_batch = getattr(loader_train.batch_sampler, 'average_batch_size', args.batch_size)
+        global_batch = reference_batch * args.world_size * args.grad_accum_steps
         ratio = global_batch / args.lr_base_size
         if not args.lr_base_scale:
             args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
@@ -342,34 +373,6 @@ def train(args, config: Optional[StimulativeConfig], argv: Optional[Sequence[str
     if args.distributed:
         task.prepare_distributed(device_ids=[device], broadcast_buffers=not args.no_ddp_bb)
 
-    collate_fn, mixup_fn = None, None
-    if mixup_active:
-        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=args.num_classes)
-        if args.prefetcher:
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
-    train_interpolation = args.train_interpolation
-    if args.no_aug or not train_interpolation:
-        train_interpolation = data_config['interpolation']
-    common = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
-                  distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-                  use_prefetcher=args.prefetcher, persistent_workers=args.workers > 0)
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
-        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-        vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
-        grayscale_prob=args.grayscale_prob, gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa,
-        num_aug_repeats=args.aug_repeats, interpolation=train_interpolation, worker_seeding=args.worker_seeding,
-        collate_fn=collate_fn, **_train_size_kwargs(args), **common)
-    loader_eval = create_loader(
-        dataset_eval, input_size=data_config['input_size'],
-        batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
-    eval_limit = len(dataset_eval)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
