@@ -545,8 +545,19 @@ def test_hook_route_bad_section_stops_before_training(workdir):
     assert "stimulative.loss: got 'nope'" in output and 'Train:' not in output
 
 
+def _patch_fits_checkout() -> bool:
+    """Whether TRAIN_PY is the train.py the patch is written for (its blob hash in the patch's index line)."""
+    import re
+    written_for = re.search(r'^index ([0-9a-f]+)\.\.', PATCH.read_text(), re.M).group(1)
+    blob = subprocess.run(['git', 'hash-object', TRAIN_PY], capture_output=True, text=True).stdout.strip()
+    return blob.startswith(written_for)
+
+
 @pytest.fixture(scope='module')
 def patched_train_py(workdir):
+    if not _patch_fits_checkout():
+        pytest.skip('patches/train_task_option.patch is written for the train.py of timm commit aa4b5850; '
+                    f'TIMM_TRAIN_PY={TRAIN_PY} is another one')
     copy = workdir / 'timm_patched'
     copy.mkdir()
     shutil.copy(TRAIN_PY, copy / 'train.py')
