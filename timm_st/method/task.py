@@ -15,8 +15,9 @@ Under DDP the main pass and all but the last sub-network bypass the DDP wrapper;
 sub-network runs through it, so DDP's single reduction covers every accumulated gradient
 (DDP counts parameters used during its no-sync passes as used) and happens after all of them.
 
-`compile()` compiles each block of the stages in place (regional compilation, dynamic shapes), so
-the full network and every sub-network, at every input size, run the same compiled blocks.
+`compile()` compiles the full network as one graph for the main pass, and each block of the stages
+in place (regional compilation, dynamic shapes) for the sub-network passes, so every sub-network,
+at every input size, runs the same compiled blocks.
 """
 import inspect
 import logging
@@ -43,8 +44,8 @@ _logger = logging.getLogger(__name__)
 
 
 # Calling contexts in which a compiled block runs, each with its own graph (dynamo guards on BatchNorm
-# flags, train/eval mode and grad mode): full-network training pass, sub-network pass (running
-# statistics frozen), evaluation, BatchNorm re-estimation (momentum None, no grad).
+# flags, train/eval mode and grad mode): sub-network pass (running statistics frozen), BatchNorm
+# re-estimation (momentum None, no grad), and a directly called model in evaluation or training.
 _BLOCK_CONTEXTS = 4
 # Shape buckets per block and context under dynamic shapes: dynamo specialises a dimension of size 1,
 # so a block whose input has a side (or batch) of 1 gets one more graph; every other size shares one.
@@ -60,6 +61,20 @@ def block_kinds(stages: Iterable[Stage]) -> int:
     if torch.__version__ < '2.5':
         return len(blocks)
     return len({repr(block) for block in blocks})
+
+
+class _ModelRunner(nn.Module):
+    """What DDP wraps: the model as `module` (so timm's `unwrap_model` finds it), called either through
+    the main path (the whole-model compiled graph after `compile()`) or, for a sub-network, through the
+    model itself, whose blocks `compile()` compiles in place."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = model
+        object.__setattr__(self, 'main', model)  # not registered: may be a compiled wrapper of `module`
+
+    def forward(self, x: torch.Tensor, subnet: bool = False) -> torch.Tensor:
+        return self.module(x) if subnet else self.main(x)
 
 
 def _raise_recompile_limit(graphs: int) -> None:
@@ -94,7 +109,7 @@ class _SubnetStep:
                 last = i == len(self.plans) - 1
                 x = resize_input(self.x, plan.input_size)
                 with use_subnet(task.stages, plan), task._subnet_norm_context():
-                    output = task._run(x, sync=last)
+                    output = task._run(x, subnet=True, sync=last)
                     with torch.autocast(self.device_type, enabled=False):
                         loss = task._subnet_loss(output.float(), self.teacher, self.target)
                     (loss * (self.coef * grad)).backward()
@@ -156,7 +171,7 @@ class StimulativeTask(TrainingTask):
                 f'pass num_epochs (got {num_epochs!r})')
         self.num_epochs = num_epochs
         self.trainable_module = model
-        object.__setattr__(self, '_bare_model', model)  # not registered again: `trainable_module` is
+        object.__setattr__(self, '_runner', _ModelRunner(model))
         criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.criterion = criterion.to(self.device) if isinstance(criterion, nn.Module) else criterion
         self.epoch = 0
@@ -185,8 +200,8 @@ class StimulativeTask(TrainingTask):
 
     @property
     def model(self) -> nn.Module:
-        """The bare model (no DDP wrapper; `compile()` compiles it in place)."""
-        return self._bare_model
+        """The bare model (no DDP, no compile wrapper; `compile()` compiles its blocks in place)."""
+        return self._runner.module
 
     # --- step -------------------------------------------------------------------------------
 
@@ -227,12 +242,12 @@ class StimulativeTask(TrainingTask):
             return 0
         return self.config.num_subnets
 
-    def _run(self, x: torch.Tensor, sync: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, subnet: bool, sync: bool) -> torch.Tensor:
         """Run the model; through DDP (whose backward reduces gradients) only when `sync`."""
         module = self.trainable_module
         if sync and isinstance(module, DistributedDataParallel):
-            return module(x)
-        return self.model(x)
+            return module(x, subnet=subnet)
+        return self._runner(x, subnet=subnet)
 
     def _logits_for_loss(self, logits: torch.Tensor) -> torch.Tensor:
         if self.config.subnet_loss.normalized_logits:
@@ -258,7 +273,7 @@ class StimulativeTask(TrainingTask):
         """
         self.subnet_loss = None
         num_subnets = self._subnets_this_step()
-        output = self._run(input, sync=num_subnets == 0)
+        output = self._run(input, subnet=False, sync=num_subnets == 0)
         logits = self._logits_for_loss(output)
         loss = self.criterion(logits, target)
         if num_subnets == 0:
@@ -270,28 +285,30 @@ class StimulativeTask(TrainingTask):
     # --- timm task contract -------------------------------------------------------------------
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the model in place (`nn.Module.compile`: same module, same state_dict keys; an EMA
-        copy made afterwards is an eager copy) and return it, the eval model.
+        """Compile the full network as one graph (`torch.compile(model)`, the main pass and the eval
+        model, returned) and, with sub-networks, each block of the stages in place for the sub-network
+        passes (regional compilation, `nn.Module.compile`: same modules, same state_dict keys; an EMA
+        copy made afterwards is an eager copy).
 
-        With sub-networks (a sampler), every block of the stages is compiled on its own (regional
-        compilation), with dynamic shapes: `use_subnet` narrows the stage containers, which run eagerly,
-        so the full network and every sub-network run the same compiled blocks, and the sizes ST++
-        draws share one graph. The compilations are bounded by
-        `block_kinds(stages) x 4 contexts (full-network pass, sub-network pass, evaluation, BatchNorm
-        re-estimation) x 2 shape buckets (some input dimension of size 1, or none)`, whatever plans and
-        sizes are drawn; dynamo's recompile limit is raised to that bound. Stem and head run eagerly.
-        Without sub-networks the whole model is compiled, as timm does. `dynamic` defaults to True
-        for the blocks; other keyword arguments go to `torch.compile`.
+        `use_subnet` narrows the stage containers, which run eagerly, so every sub-network runs the
+        same compiled blocks, and with dynamic shapes (`dynamic=True` for the blocks) every size ST++
+        draws shares their graphs. Block compilations are bounded by `block_kinds(stages) x 4 contexts
+        (sub-network pass, BatchNorm re-estimation, evaluation and training of a directly called model)
+        x 2 shape buckets (some input dimension of size 1, or none)`, whatever plans and sizes are
+        drawn; the whole-model graph adds one per context and input shape (dynamo's automatic dynamic
+        shapes after the second). Dynamo's recompile limit is raised to the block bound. Other keyword
+        arguments go to `torch.compile` for both.
         """
-        if self.stages is None:
-            self.model.compile(backend=backend, mode=mode, **compile_kwargs)
-            return self.model
-        _raise_recompile_limit(block_kinds(self.stages) * _BLOCK_CONTEXTS * _SHAPE_BUCKETS)
-        compile_kwargs.setdefault('dynamic', True)
-        for stage in self.stages:
-            for block in stage.container._modules.values():
-                block.compile(backend=backend, mode=mode, **compile_kwargs)
-        return self.model
+        compiled = torch.compile(self.model, backend=backend, mode=mode, **compile_kwargs)
+        object.__setattr__(self._runner, 'main', compiled)
+        self.eval_model = compiled
+        if self.stages is not None:
+            _raise_recompile_limit(block_kinds(self.stages) * _BLOCK_CONTEXTS * _SHAPE_BUCKETS)
+            block_kwargs = {'dynamic': True, **compile_kwargs}
+            for stage in self.stages:
+                for block in stage.container._modules.values():
+                    block.compile(backend=backend, mode=mode, **block_kwargs)
+        return compiled
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'StimulativeTask':
         """Wrap the model in DDP. With sub-networks, `find_unused_parameters` is required (a
@@ -304,12 +321,12 @@ class StimulativeTask(TrainingTask):
             ddp_kwargs['find_unused_parameters'] = True
         if device_ids is not None and all(torch.device(d).type == 'cpu' for d in device_ids):
             device_ids = None  # DDP takes no device_ids for CPU modules
-        self.trainable_module = DistributedDataParallel(self.model, device_ids=device_ids, **ddp_kwargs)
+        self.trainable_module = DistributedDataParallel(self._runner, device_ids=device_ids, **ddp_kwargs)
         return self
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
-        if module is None and not ema:
-            return self.model  # compiled in place by `compile()`; never the DDP wrapper
+        if module is None and not ema and not hasattr(self, 'eval_model'):
+            return self.model
         return super().get_eval_model(module=module, ema=ema)
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
