@@ -19,8 +19,9 @@ load hits every configuration alike:
   and the ST++ recipe's section (6 sub-networks, input_scale [0.43, 1.0], space3, kl_direction),
   driven as timm's loop drives a task (`task(x, y)`, one backward on the loss - the sub-network
   passes run inside it - optimizer step). Options, as timm-st runs them:
-  - CUDA (default): bf16 autocast, channels-last, `task.compile()` (inductor; every block compiled,
-    dynamic shapes, see `StimulativeTask.compile`);
+  - CUDA (default): bf16 autocast, channels-last, `task.compile()` (inductor: one whole-model graph
+    for the full network, compiled blocks with dynamic shapes for the sub-networks, see
+    `StimulativeTask.compile`);
   - CPU (default): fp32 (bf16 autocast is slow on CPUs without AMX), NCHW, and each configuration
     twice, eager and compiled (`--compile both`), to compare the two.
   `--amp`, `--channels-last`, `--compile` override these.
