@@ -190,6 +190,24 @@ def _check_run_options(args) -> None:
                   f'pip install -U timm, or remove save_epochs')
 
 
+def _restore_saver(saver, folder: Path, resume_path: str, start_epoch: int) -> None:
+    """Continue the checkpoint bookkeeping of a run resumed in place (ranked checkpoint-N history, best metric),
+    so checkpoint_hist and model_best hold over the whole run."""
+    if hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.31 keeps it in each checkpoint
+        saver.load_state_dict_from_checkpoint(resume_path)
+        return
+    # older timm: rebuild it from the kept checkpoints of earlier epochs (each records its epoch and metric)
+    kept = []
+    for path in folder.glob('checkpoint-*.pth.tar'):
+        checkpoint = read_checkpoint(path)
+        if checkpoint.get('epoch', start_epoch) < start_epoch and checkpoint.get('metric') is not None:
+            kept.append((str(path), checkpoint['metric'], checkpoint['epoch']))
+    kept.sort(key=lambda c: c[1], reverse=not saver.decreasing)
+    saver.checkpoint_files = [(path, metric) for path, metric, _ in kept]
+    if kept:
+        saver.best_metric, saver.best_epoch = kept[0][1], kept[0][2]
+
+
 def _rewind(folder: Path, start_epoch: int, saver) -> None:
     """Before continuing a run in place from epoch `start_epoch`: remove what the epochs being redone wrote
     (their summary rows and checkpoints, a best checkpoint from them, and results.json: the run is no longer
@@ -406,8 +424,7 @@ def train(args, config: Optional[StimulativeConfig], argv: Optional[Sequence[str
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=args.eval_metric == 'loss',
             max_history=args.checkpoint_hist, task=task)
         if folder_mode == 'resume':
-            if hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.31: ranked history and best metric
-                saver.load_state_dict_from_checkpoint(resume_path)
+            _restore_saver(saver, folder, resume_path, start_epoch)
             _rewind(folder, start_epoch, saver)
         write_args(output_dir, args)
         _logger.info(f'Output: {output_dir}' + (' (continuing the run in place)' if folder_mode == 'resume' else ''))
