@@ -19,7 +19,7 @@ from timm.models.resnet import BasicBlock, ResNet
 
 from timm_st import Stage, SubnetPlan, recalibrate_bn, register_subnet_adapter, subnet_stages, use_subnet
 from timm_st.analysis.evaluation import (
-    SplitMismatch, draw_space_plans, evaluate_plans, relative_flops, space_plans,
+    SplitMismatch, evaluate_plans, relative_flops, space_plans, subnet_plans,
 )
 from timm_st.analysis.tree import TreeSplit, recalibrated_statistics, register_tree_split, tree_supported
 from timm_st.models.cifar_resnet import CifarResNet
@@ -308,16 +308,22 @@ def test_space_plans_enumerate_the_whole_space_in_order(space, size):
     assert all(p == SubnetPlan.prefix(p.depths) for p in plans)
 
 
-def test_draw_space_plans_is_deterministic_distinct_and_from_the_space():
+def test_subnet_plans_full_first_then_distinct_draws_from_the_space():
     stages = _fake_stages((3, 4, 6, 3))
     members = space_plans(stages, 'default')
-    drawn = draw_space_plans(stages, 'default', 20, seed=0)
-    assert drawn == draw_space_plans(_fake_stages((3, 4, 6, 3)), 'default', 20, seed=0)
-    assert len(set(drawn)) == 20 and set(drawn) <= set(members)
-    assert drawn != draw_space_plans(stages, 'default', 20, seed=1)
-    assert draw_space_plans(stages, 'space5', 20) == space_plans(stages, 'space5')  # fewer members than asked
-    with pytest.raises(ValueError, match='positive integer'):
-        draw_space_plans(stages, 'default', 0)
+    full = SubnetPlan.prefix((3, 4, 6, 3))
+    drawn = subnet_plans(stages, 'default', 20, seed=0)
+    assert drawn == subnet_plans(_fake_stages((3, 4, 6, 3)), 'default', 20, seed=0)
+    assert drawn[0] == full and full not in drawn[1:]
+    assert len(set(drawn)) == 21 and set(drawn) <= set(members)
+    assert [p.depths for p in drawn[1:]] == sorted(p.depths for p in drawn[1:])
+    assert drawn != subnet_plans(stages, 'default', 20, seed=1)
+    assert set(subnet_plans(stages, 'default', 19, seed=0)) < set(drawn)  # a draw of N + 1 extends the draw of N
+    assert subnet_plans(stages, 'space5', 20) == [full] + space_plans(stages, 'space5')[:-1]  # fewer than asked
+    assert subnet_plans(stages, 'space5') == subnet_plans(stages, 'space5', 2)
+    assert subnet_plans(stages, 'default', 0) == [full]
+    with pytest.raises(ValueError, match='integer >= 0'):
+        subnet_plans(stages, 'default', -1)
 
 
 def test_relative_flops_match_counting_each_subnet():

@@ -172,8 +172,9 @@ def test_card_holds_numbers_recipe_and_metadata(st_run, tmp_path):
     checkpoint = load_checkpoint(st_run / 'model_best.pth.tar')
     row = [r for r in summary_rows(st_run) if int(r['epoch']) == checkpoint['epoch']][0]
     assert f'**{float(row["eval_top1"]):.2f}**' in body and f'{float(row["eval_top5"]):.2f}' in body
-    subnets = results['subnets']
-    assert f'{subnets["top1_mean"]:.2f} +- {subnets["top1_std"]:.2f}' in body
+    for bn in ('running', 'recalibrate'):
+        subnets = results['subnets'][bn]
+        assert f'{subnets["top1_mean"]:.2f} +- {subnets["top1_std"]:.2f}' in body
     assert 'plain (non-EMA) weights of the best checkpoint (`model_best.pth.tar`' in body
     # recipe: the original file verbatim, the resolved arguments, and the ST settings
     assert '# tiny ST recipe for the publish test' in body

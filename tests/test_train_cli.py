@@ -56,7 +56,13 @@ def test_two_epochs_write_outputs(tmp_path, image_folder, method):
     assert results['method'] == ('stimulative' if method == 'st' else 'common')
     assert results['full']['top1'] == pytest.approx(float(rows[-1]['eval_top1']))
     assert results['subnets']['count'] == 3 and len(results['subnets']['subnets']) == 3
-    assert results['subnets']['top1_min'] <= results['subnets']['top1_mean'] <= results['subnets']['top1_max']
+    for bn in ('running', 'recalibrate'):
+        stats = results['subnets'][bn]
+        top1 = [e[bn]['top1'] for e in results['subnets']['subnets']]
+        assert stats['top1_mean'] == pytest.approx(sum(top1) / 3)
+        assert (stats['top1_min'], stats['top1_max']) == (min(top1), max(top1))
+        assert stats['loafing_gap'] == pytest.approx(stats['full_top1'] - stats['top1_mean'])
+    assert results['subnets']['running']['full_top1'] == pytest.approx(results['full']['top1'])
     assert results['class_names'] == ['class0', 'class1', 'class2']
     checkpoint = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=False)
     assert ('subnet_sampler' in checkpoint.get('task_state', {})) == (method == 'st')

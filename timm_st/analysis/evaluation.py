@@ -7,6 +7,7 @@ re-estimated on calibration images, before it is evaluated.
 """
 import itertools
 import logging
+import statistics
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
@@ -21,14 +22,14 @@ from timm.utils.model import unwrap_model
 from ..method.adapters import Stage, _check_plan, stage_depths, subnet_stages, use_subnet
 from ..method.batchnorm import _stat_norms
 from ..method.plan import SubnetPlan, resize_input
-from ..method.sampling import OrderedSubnetSampler, resolve_sample_space
+from ..method.sampling import resolve_sample_space
 from .tree import (
     PrefixTree, Route, TreeRunner, calibration_batches, calibration_mode, fresh_statistics, tree_split, tree_supported,
 )
 
 __all__ = [
-    'validate', 'sample_eval_plans', 'evaluate_subnets', 'space_plans', 'draw_space_plans', 'evaluate_plans',
-    'evaluate_routes', 'relative_flops',
+    'validate', 'space_plans', 'subnet_plans', 'subnet_statistics', 'evaluate_plans', 'evaluate_routes',
+    'relative_flops',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -133,35 +134,32 @@ def space_plans(stages: Sequence[Stage], space: Union[str, Mapping] = 'default')
     return [SubnetPlan.prefix(depths) for depths in itertools.product(*ranges)]
 
 
-def draw_space_plans(stages: Sequence[Stage], space: Union[str, Mapping], count: int, seed: int = 0) -> List[SubnetPlan]:
-    """`count` distinct members of the space (all of them when it has fewer), drawn with `seed`, in
-    space order: the same plans for every model with this stage layout."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f'draw_space_plans: count must be a positive integer, got {count!r}')
+def subnet_plans(stages: Sequence[Stage], space: Union[str, Mapping] = 'default', count: Optional[int] = None,
+                 seed: int = 0) -> List[SubnetPlan]:
+    """The networks an evaluation reports: the full network first, then `count` distinct other members
+    of the space drawn with `seed` (all of them when `count` is None or covers the space), in space
+    order. The same plans for every model with this stage layout, so CT and ST twins, and every
+    source of one analysis, are evaluated on identical sub-networks; a draw of N + 1 extends the draw of N."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ValueError(f'subnet_plans: count must be None or an integer >= 0, got {count!r}')
     members = space_plans(stages, space)
-    picks = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed))[:count]
-    return [members[i] for i in sorted(picks.tolist())]
+    full, others = members[-1], members[:-1]
+    if count is not None and count < len(others):
+        picks = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:count]
+        others = [others[i] for i in sorted(picks.tolist())]
+    return [full] + others
 
 
-def sample_eval_plans(stages: List[Stage], space: Union[str, Mapping] = 'default', count: int = 10,
-                      seed: int = 0) -> List[SubnetPlan]:
-    """Up to `count` distinct proper sub-networks of an ordered space, the same for every run with
-    the same model layout and seed (so CT and ST runs are evaluated on the same sub-networks)."""
-    max_drop = resolve_sample_space(space, stages)
-    depths = stage_depths(stages)
-    sampler = OrderedSubnetSampler(depths, max_drop, seed=seed)
-    size = 1
-    for m in max_drop:
-        size *= m + 1
-    plans, full = [], SubnetPlan.prefix(depths)
-    target = min(count, size - 1)
-    for _ in range(100 * max(count, 1)):
-        if len(plans) >= target:
-            break
-        plan = sampler.sample()
-        if plan != full and plan not in plans:
-            plans.append(plan)
-    return sorted(plans, key=lambda p: p.depths)
+def subnet_statistics(full_top1: float, subnet_top1: Sequence[float]) -> Dict[str, Optional[float]]:
+    """Full top-1, sub-network mean, std (population, over the evaluated members), min, max, and the
+    loafing gap (full minus mean)."""
+    values = [float(v) for v in subnet_top1]
+    if not values:
+        return dict(full_top1=full_top1, subnet_mean=None, subnet_std=None, subnet_min=None, subnet_max=None,
+                    loafing_gap=None)
+    mean = statistics.fmean(values)
+    return dict(full_top1=full_top1, subnet_mean=mean, subnet_std=statistics.pstdev(values),
+                subnet_min=min(values), subnet_max=max(values), loafing_gap=full_top1 - mean)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,21 +406,6 @@ def evaluate_plans(
         calib_images=calib_images, autocast=autocast, channels_last=channels_last, max_samples=max_samples,
         method=method, progress=progress, distributed=distributed, on_logits=on_logits, info=info)
     return [{'depths': list(plan.depths), **r} for plan, r in zip(plans, results)]
-
-
-def evaluate_subnets(model: nn.Module, plans: List[SubnetPlan], loader: Iterable, device: torch.device,
-                     **validate_kwargs) -> Dict[str, object]:
-    """Top-1 of each plan with the full network's BN statistics (eval mode), and its summary."""
-    per_plan = [{'depths': r['depths'], 'top1': r['top1'], 'top5': r['top5']}
-                for r in evaluate_plans(model, plans, loader, device, **validate_kwargs)]
-    top1 = torch.tensor([p['top1'] for p in per_plan], dtype=torch.float64)
-    summary = {'count': len(per_plan)}
-    if per_plan:
-        summary.update(
-            top1_mean=top1.mean().item(), top1_std=top1.std(unbiased=False).item(),
-            top1_min=top1.min().item(), top1_max=top1.max().item())
-    summary['subnets'] = per_plan
-    return summary
 
 
 @torch.no_grad()

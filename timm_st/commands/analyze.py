@@ -34,7 +34,7 @@ from timm import utils
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.data.dataset_factory import _search_split
 
-from ..analysis.evaluation import draw_space_plans, evaluate_plans, relative_flops, space_plans
+from ..analysis.evaluation import evaluate_plans, relative_flops, subnet_plans, subnet_statistics
 from ..analysis.lesions import lesion_study
 from ..method.adapters import stage_depths, subnet_stages
 from ..method.plan import SubnetPlan
@@ -42,7 +42,7 @@ from ..method.sampling import list_sample_spaces, resolve_sample_space
 from .digits import materialize_digits
 from .run_folder import RunFolder, RunFolderError, build_model, checkpoint_weights, read_checkpoint, read_run
 
-__all__ = ['main', 'build_parser', 'AnalyzeError', 'subnet_statistics', 'group_statistics', 'shard_bounds']
+__all__ = ['main', 'build_parser', 'AnalyzeError', 'group_statistics', 'shard_bounds']
 
 _logger = logging.getLogger(__name__)
 
@@ -109,18 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # statistics (pure functions, so they are tested against independent computations)
-
-def subnet_statistics(full_top1: float, subnet_top1: Sequence[float]) -> Dict[str, Optional[float]]:
-    """Full top-1, sub-network mean, std (population, over the evaluated members), min, max, and the
-    loafing gap (full minus mean)."""
-    values = [float(v) for v in subnet_top1]
-    if not values:
-        return dict(full_top1=full_top1, subnet_mean=None, subnet_std=None, subnet_min=None, subnet_max=None,
-                    loafing_gap=None)
-    mean = statistics.fmean(values)
-    return dict(full_top1=full_top1, subnet_mean=mean, subnet_std=statistics.pstdev(values),
-                subnet_min=min(values), subnet_max=max(values), loafing_gap=full_top1 - mean)
-
 
 def group_statistics(members: Sequence[Mapping[str, Optional[float]]]) -> Dict[str, Dict[str, Optional[float]]]:
     """For every key of the members' statistics: mean and sample std (n - 1) over the members (seeds);
@@ -389,26 +377,18 @@ def _space_size(max_drop: Sequence[int]) -> int:
 def _plans(args, stages, space, max_drop) -> Tuple[List[SubnetPlan], str]:
     """The full network first, then the evaluated sub-networks, in tree order."""
     size = _space_size(max_drop)
-    full = SubnetPlan.prefix(stage_depths(stages))
     choice = args.subnets
     if choice is None:
         choice = 'all' if size <= ALL_SUBNETS_LIMIT else str(ALL_SUBNETS_LIMIT)
-    if choice == 'all':
-        plans = space_plans(stages, space)
-    else:
+    count = None
+    if choice != 'all':
         try:
             count = int(choice)
         except ValueError:
             count = 0
         if count < 1:
             _fail(f'--subnets {choice!r}: give "all" or a positive number of sub-networks')
-        if count >= size - 1:
-            plans = space_plans(stages, space)
-        else:  # N sub-networks besides the full network (a draw of N + 1 extends the draw of N)
-            plans = draw_space_plans(stages, space, count, seed=args.seed)
-            if full in plans:
-                plans = draw_space_plans(stages, space, count + 1, seed=args.seed)
-    plans = [full] + [p for p in plans if p != full]
+    plans = subnet_plans(stages, space, count, seed=args.seed)
     described = 'all' if len(plans) == size else f'{len(plans) - 1} drawn with seed {args.seed}'
     return plans, described
 

@@ -378,13 +378,16 @@ def _results_section(run: TrainingRun, tag: str, data_config: Dict[str, Any]) ->
     subnets = run.results.get('subnets') or {}
     entries = subnets.get('subnets') or []
     if subnets.get('count') and entries:
-        top5 = [s['top5'] for s in entries if 'top5' in s]
-        t5 = _mean_std(top5) if top5 else (None, None)
         full = run.results.get('full') or {}
-        text += (f'| Sub-networks: {subnets["count"]} sampled from space `{subnets.get("space")}`, mean +- std '
-                 f'(min / max top-1: {_fmt(subnets.get("top1_min"))} / {_fmt(subnets.get("top1_max"))}) | plain, '
-                 f'final | {_fmt(subnets.get("top1_mean"))} +- {_fmt(subnets.get("top1_std"))} | '
-                 f'{_fmt(t5[0])} +- {_fmt(t5[1])} |\n')
+        for bn, what in (('running', "the full network's BatchNorm statistics"),
+                         ('recalibrate', f'own BatchNorm statistics re-estimated on '
+                                         f'{subnets["recalibrate"].get("calib_images")} training images')):
+            stats = subnets[bn]
+            t5 = _mean_std([s[bn]['top5'] for s in entries])
+            text += (f'| Sub-networks: {subnets["count"]} of space `{subnets.get("space")}`, {what}, mean +- std '
+                     f'(min / max top-1: {_fmt(stats.get("top1_min"))} / {_fmt(stats.get("top1_max"))}) | plain, '
+                     f'final | {_fmt(stats.get("top1_mean"))} +- {_fmt(stats.get("top1_std"))} | '
+                     f'{_fmt(t5[0])} +- {_fmt(t5[1])} |\n')
         if run.ema or not run.is_last:
             text += (f'\nSub-networks were evaluated at the end of training on the final plain weights (full '
                      f'network on those: top-1 {_fmt(full.get("top1"))}, top-5 {_fmt(full.get("top5"))}), '
@@ -394,9 +397,11 @@ def _results_section(run: TrainingRun, tag: str, data_config: Dict[str, Any]) ->
                  + ('stimulative training makes these sub-networks strong on their own.\n' if trained_subnets else
                     'this common-training run is a baseline for them.\n'))
         text += '\n<details><summary>Evaluated sub-networks (blocks kept per stage)</summary>\n\n'
-        text += '| Blocks kept | Top-1 | Top-5 |\n|---|---|---|\n'
+        text += ('| Blocks kept | Top-1 (running BN) | Top-5 (running BN) | Top-1 (own BN) | Top-5 (own BN) |\n'
+                 '|---|---|---|---|---|\n')
         for s in entries:
-            text += f'| {s.get("depths")} | {_fmt(s.get("top1"))} | {_fmt(s.get("top5"))} |\n'
+            text += (f'| {s["depths"]} | {_fmt(s["running"]["top1"])} | {_fmt(s["running"]["top5"])} | '
+                     f'{_fmt(s["recalibrate"]["top1"])} | {_fmt(s["recalibrate"]["top5"])} |\n')
         text += '\n</details>\n'
     elif subnets.get('skipped'):
         text += f'\nSub-networks were not evaluated: {subnets["skipped"]}.\n'

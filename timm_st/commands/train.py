@@ -31,7 +31,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, resume_task_checkpoint
 
-from ..analysis.evaluation import evaluate_subnets, sample_eval_plans, validate
+from ..analysis.evaluation import evaluate_plans, subnet_plans, subnet_statistics, validate
 from ..method.adapters import subnet_stages
 from ..method.config import StimulativeConfig
 from ..method.task import StimulativeTask
@@ -43,6 +43,9 @@ from .run_folder import (RUN_FILES, build_model, clear_run, holds_run, read_chec
 __all__ = ['main', 'train', 'TrainingStopped']
 
 _logger = logging.getLogger(__name__)
+# training images on which each sub-network's BatchNorm statistics are re-estimated for results.json (the authors
+# re-estimate on about 2,000 images; `timm-st analyze --calib-images` has the same default)
+CALIB_IMAGES = 2000
 
 
 class _Progress:
@@ -499,7 +502,7 @@ def train(args, config: Optional[StimulativeConfig], argv: Optional[Sequence[str
         if args.distributed:
             torch.distributed.destroy_process_group()
         return {}
-    results = _final_results(args, config, task, eval_model, eval_metrics, loader_eval, device, validate_kwargs,
+    results = _final_results(args, config, task, eval_metrics, loader_train, loader_eval, device, validate_kwargs,
                              best_metric, best_epoch, dataset_train, data_config)
     if primary:
         write_results(output_dir, results)
@@ -611,7 +614,7 @@ def _train_one_epoch(epoch, num_epochs, task, loader, optimizer, args, device, l
     return metrics
 
 
-def _final_results(args, config, task, eval_model, eval_metrics, loader_eval, device, validate_kwargs,
+def _final_results(args, config, task, eval_metrics, loader_train, loader_eval, device, validate_kwargs,
                    best_metric, best_epoch, dataset_train, data_config) -> Dict[str, object]:
     results = OrderedDict(
         model=args.model, dataset=args.dataset or args.data_dir, num_classes=args.num_classes,
@@ -621,9 +624,6 @@ def _final_results(args, config, task, eval_model, eval_metrics, loader_eval, de
         eval_split=args.train_split if args.eval_on_train else args.val_split, eval_on_train=args.eval_on_train,
         full=eval_metrics, best_metric=best_metric, best_epoch=best_epoch,
         world_size=args.world_size, device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu')
-    space = 'default'
-    if config is not None and config.sampler == 'ordered':
-        space = config.sample_space
     if args.eval_subnets > 0:
         try:
             model = utils.unwrap_model(task.get_trainable_module())
@@ -631,10 +631,32 @@ def _final_results(args, config, task, eval_model, eval_metrics, loader_eval, de
         except ValueError as e:
             results['subnets'] = {'count': 0, 'skipped': str(e).split('.')[0]}
         else:
-            plans = sample_eval_plans(stages, space, args.eval_subnets)
-            results['subnets'] = {'space': space, **evaluate_subnets(model, plans, loader_eval, device,
-                                                                     **validate_kwargs)}
+            results['subnets'] = _evaluate_subnets(args, config, model, stages, loader_train, loader_eval, device,
+                                                   validate_kwargs)
     return results
+
+
+def _evaluate_subnets(args, config, model, stages, loader_train, loader_eval, device, validate_kwargs):
+    """The final weights' sub-networks, as `timm-st analyze` evaluates them: the recipe's space (a CT
+    recipe names its ST twin's), `eval_subnets` members drawn with seed 0 (the same for both twins),
+    with the full network's running BatchNorm statistics and with each sub-network's own statistics
+    re-estimated on CALIB_IMAGES images of the training loader (its augmentation)."""
+    space = config.sample_space if config is not None and config.sampler == 'ordered' else 'default'
+    plans = subnet_plans(stages, space, args.eval_subnets)
+    summary = {'space': space, 'count': len(plans) - 1}
+    per_plan = [{'depths': list(p.depths)} for p in plans[1:]]
+    for bn in ('running', 'recalibrate'):
+        metrics = evaluate_plans(model, plans, loader_eval, device, bn=bn, calib_loader=loader_train,
+                                 calib_images=CALIB_IMAGES, **validate_kwargs)
+        stats = subnet_statistics(metrics[0]['top1'], [m['top1'] for m in metrics[1:]])
+        for entry, m in zip(per_plan, metrics[1:]):
+            entry[bn] = {'top1': m['top1'], 'top5': m['top5']}
+        summary[bn] = {'full_top1': stats['full_top1'], 'top1_mean': stats['subnet_mean'],
+                       'top1_std': stats['subnet_std'], 'top1_min': stats['subnet_min'],
+                       'top1_max': stats['subnet_max'], 'loafing_gap': stats['loafing_gap']}
+    summary['recalibrate']['calib_images'] = CALIB_IMAGES
+    summary['subnets'] = per_plan
+    return summary
 
 
 def _print_summary(results, output_dir) -> None:
@@ -642,9 +664,12 @@ def _print_summary(results, output_dir) -> None:
     subnets = results.get('subnets', {})
     line = f'Full network: top1 {full.get("top1", float("nan")):.2f}%  top5 {full.get("top5", float("nan")):.2f}%'
     if subnets.get('count'):
-        line += (f'\nSub-networks ({subnets["count"]} of space {subnets["space"]!r}): top1 '
-                 f'{subnets["top1_mean"]:.2f} +- {subnets["top1_std"]:.2f}% '
-                 f'(min {subnets["top1_min"]:.2f}, max {subnets["top1_max"]:.2f})')
+        line += f'\nSub-networks ({subnets["count"]} of space {subnets["space"]!r}), top1 mean +- std (min, max):'
+        for bn, what in (('running', "the full network's BatchNorm statistics"),
+                         ('recalibrate', 'their own re-estimated BatchNorm statistics')):
+            s = subnets[bn]
+            line += (f'\n  {s["top1_mean"]:.2f} +- {s["top1_std"]:.2f}% ({s["top1_min"]:.2f}, {s["top1_max"]:.2f}) '
+                     f'with {what}')
     if results.get('eval_on_train'):
         line += f'\n(evaluated on the TRAINING data, split {results["eval_split"]!r}: not held-out accuracy)'
     print(f'{line}\nResults: {os.path.join(output_dir, "results.json")}', flush=True)
