@@ -461,12 +461,12 @@ def test_push_bad_repo_id(st_run, fake_hub, capsys):
     ({'num_subnets': 1, 'sample_space': 'space3'}, 'stpp'),
 ])
 def test_method_named_from_settings(stimulative, tag):
-    from timm_st.commands.publish import _method
+    from timm_st.method.config import describe_method as _method
     assert _method(stimulative)[0] == tag
 
 
 def test_demo_recipes_are_named_by_their_settings():
-    from timm_st.commands.publish import _method
+    from timm_st.method.config import describe_method as _method
     root = Path(__file__).parent.parent / 'recipes'
     assert _method(yaml.safe_load((root / 'demo_digits.yaml').read_text())['stimulative'])[0] == 'st'
     assert _method(yaml.safe_load((root / 'st_r50.yaml').read_text())['stimulative'])[0] == 'stpp'

@@ -53,7 +53,7 @@ def test_two_epochs_write_outputs(tmp_path, image_folder, method):
     for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-1.pth.tar', 'args.yaml'):
         assert (out / name).is_file(), name
     results = json.loads((out / 'results.json').read_text())
-    assert results['method'] == ('stimulative' if method == 'st' else 'common')
+    assert results['method'] == {'ct': 'ct', 'st': 'stpp'}[method]  # from the settings: 2 sub-networks + input_scale is ST++
     assert results['full']['top1'] == pytest.approx(float(rows[-1]['eval_top1']))
     assert results['subnets']['count'] == 3 and len(results['subnets']['subnets']) == 3
     for bn in ('running', 'recalibrate'):

@@ -35,6 +35,7 @@ from timm.models import save_for_hf
 from timm.models._hub import generate_readme
 
 from .. import __version__
+from ..method.config import describe_method
 from .run_folder import (CHECKPOINT_FILES, TIMM_ST_TRAIN, RunFolderError, build_model, checkpoint_weights,
                          read_run)
 
@@ -204,44 +205,6 @@ def _dataset(run: TrainingRun, dataset_id: Optional[str]):
     return text, (dataset_id or hub)
 
 
-def _method(stimulative: Optional[Dict[str, Any]]):
-    """(short tag, description, list of ST++ strategies used), named from the settings, never from file names.
-
-    CT: no `stimulative:` section, or no sub-network loss (`num_subnets: 0` or `coef: 0`) on plain logits.
-    `num_subnets: 0` with the KL- loss is not CT: the main network trains on layer-normalised logits ('ctnorm').
-    ST++: ST plus any of the ST++ strategies: the KL- loss, several sub-networks per step, random smaller
-    sub-network inputs, or one of the paper's inter-stage sampling spaces (space1..space7). A space the
-    user writes per stage (max_drop / min_keep) only narrows the sampling and does not by itself make ST++.
-    """
-    if stimulative is None:
-        return 'ct', 'common training (CT, no stimulative loss)', []
-    from ..method.config import StimulativeConfig
-    try:
-        config = StimulativeConfig.from_dict(stimulative)
-    except ValueError:  # written by another timm-st version: describe it as is
-        return 'st', 'stimulative training', []
-    normalized = config.subnet_loss.normalized_logits
-    if config.num_subnets == 0 or config.coef == 0:
-        why = '`num_subnets: 0`' if config.num_subnets == 0 else '`coef: 0`'
-        if normalized:
-            return ('ctnorm', f'common training on layer-normalised logits (no sub-networks, {why}; '
-                              f'`loss: {config.loss}` normalises the main logits)', [])
-        return 'ct', f'common training (CT, {why})', []
-    strategies = []
-    if normalized:
-        strategies.append(f'KL- loss `{config.loss}` (aligns only the direction of the logits)')
-    if config.num_subnets > 1:
-        strategies.append(f'{config.num_subnets} sub-networks per step')
-    if config.input_scale is not None:
-        strategies.append(f'random smaller inputs for sub-networks (side scale {config.input_scale[0]:g}-'
-                          f'{config.input_scale[1]:g})')
-    if config.sampler == 'ordered' and isinstance(config.sample_space, str) and config.sample_space != 'default':
-        strategies.append(f'inter-stage sampling rule (sample space {config.sample_space})')
-    if strategies:
-        return 'stpp', 'stimulative training++ (ST++)', strategies
-    return 'st', 'stimulative training (ST)', strategies
-
-
 def _recipe(run: TrainingRun) -> Dict[str, Any]:
     """The run's resolved arguments as a recipe for `timm-st train -c` (machine-local keys left out)."""
     from .recipe import build_parser
@@ -276,7 +239,7 @@ def _model_card(run: TrainingRun, model: torch.nn.Module, data_config: Dict[str,
                 recipe_text: str) -> str:
     arch = run.model_name
     needs_timm_st = _registered_by_timm_st(arch)
-    tag, method, strategies = _method(run.stimulative)
+    tag, method, strategies = describe_method(run.stimulative)
     weights = 'EMA' if run.ema else 'plain (non-EMA)'
     which = {'best': 'best', 'last': 'last'}.get(run.checkpoint_name, run.checkpoint_path.name)
     epochs = run.args.get('epochs') or run.results.get('epochs')
@@ -540,7 +503,7 @@ def _write_export(run: TrainingRun, folder: Path, repo_id: Optional[str], model_
     dataset_text, hub_dataset = _dataset(run, dataset_id)
     recipe_text = _recipe_yaml(run)
     name = model_name or (repo_id.split('/')[-1] if repo_id else
-                          f'{run.model_name}.{_method(run.stimulative)[0]}_{_short(dataset_text)}')
+                          f'{run.model_name}.{describe_method(run.stimulative)[0]}_{_short(dataset_text)}')
     (folder / 'recipe.yaml').write_text(recipe_text, encoding='utf-8')
     card = _model_card(run, model, data_config, repo_id, name, license, dataset_text, hub_dataset, recipe_text)
     (folder / 'README.md').write_text(card, encoding='utf-8')

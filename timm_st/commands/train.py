@@ -33,7 +33,7 @@ from timm.task import ClassificationTask, resume_task_checkpoint
 
 from ..analysis.evaluation import evaluate_plans, subnet_plans, subnet_statistics, validate
 from ..method.adapters import subnet_stages
-from ..method.config import StimulativeConfig
+from ..method.config import StimulativeConfig, describe_method
 from ..method.task import StimulativeTask
 from .digits import materialize_digits
 from .recipe import RecipeError, check_run, parse_args
@@ -618,7 +618,7 @@ def _final_results(args, config, task, eval_metrics, loader_train, loader_eval, 
                    best_metric, best_epoch, dataset_train, data_config) -> Dict[str, object]:
     results = OrderedDict(
         model=args.model, dataset=args.dataset or args.data_dir, num_classes=args.num_classes,
-        epochs=args.epochs, method=('common' if config is None or config.num_subnets == 0 else 'stimulative'),
+        epochs=args.epochs, method=describe_method(args.stimulative)[0],
         stimulative=args.stimulative, eval_input_size=list(data_config['input_size']),
         eval_crop_pct=data_config['crop_pct'], class_names=_class_names(dataset_train),
         eval_split=args.train_split if args.eval_on_train else args.val_split, eval_on_train=args.eval_on_train,

@@ -1,11 +1,11 @@
 """`StimulativeConfig`: the validated `stimulative:` section of a recipe."""
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 from .losses import get_subnet_loss, list_subnet_losses
 
-__all__ = ['StimulativeConfig', 'DESCRIPTIONS']
+__all__ = ['StimulativeConfig', 'DESCRIPTIONS', 'describe_method']
 
 _CHOICES = {
     'norm': ('layernorm', 'l2'),
@@ -176,3 +176,41 @@ def _check_scale(scale: Any):
             and 0 < scale[0] <= scale[1] <= 1):
         return (float(scale[0]), float(scale[1]))
     _fail('input_scale', scale, 'null, or [lo, hi] with 0 < lo <= hi <= 1')
+
+
+def describe_method(stimulative: Optional[Mapping[str, Any]]) -> Tuple[str, str, List[str]]:
+    """(short tag, description, ST++ strategies used) of a `stimulative:` section, named from the settings,
+    never from file names: tags ct, ctnorm, st, stpp (results.json, model cards and published names).
+
+    CT: no `stimulative:` section, or no sub-network loss (`num_subnets: 0` or `coef: 0`) on plain logits.
+    `num_subnets: 0` with the KL- loss is not CT: the main network trains on layer-normalised logits ('ctnorm').
+    ST++: ST plus any of the ST++ strategies: the KL- loss, several sub-networks per step, random smaller
+    sub-network inputs, or one of the paper's inter-stage sampling spaces (space1..space7). A space the
+    user writes per stage (max_drop / min_keep) only narrows the sampling and does not by itself make ST++.
+    """
+    if stimulative is None:
+        return 'ct', 'common training (CT, no stimulative loss)', []
+    try:
+        config = StimulativeConfig.from_dict(stimulative)
+    except ValueError:  # written by another timm-st version: describe it as is
+        return 'st', 'stimulative training', []
+    normalized = config.subnet_loss.normalized_logits
+    if config.num_subnets == 0 or config.coef == 0:
+        why = '`num_subnets: 0`' if config.num_subnets == 0 else '`coef: 0`'
+        if normalized:
+            return ('ctnorm', f'common training on layer-normalised logits (no sub-networks, {why}; '
+                              f'`loss: {config.loss}` normalises the main logits)', [])
+        return 'ct', f'common training (CT, {why})', []
+    strategies = []
+    if normalized:
+        strategies.append(f'KL- loss `{config.loss}` (aligns only the direction of the logits)')
+    if config.num_subnets > 1:
+        strategies.append(f'{config.num_subnets} sub-networks per step')
+    if config.input_scale is not None:
+        strategies.append(f'random smaller inputs for sub-networks (side scale {config.input_scale[0]:g}-'
+                          f'{config.input_scale[1]:g})')
+    if config.sampler == 'ordered' and isinstance(config.sample_space, str) and config.sample_space != 'default':
+        strategies.append(f'inter-stage sampling rule (sample space {config.sample_space})')
+    if strategies:
+        return 'stpp', 'stimulative training++ (ST++)', strategies
+    return 'st', 'stimulative training (ST)', strategies
