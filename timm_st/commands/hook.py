@@ -310,8 +310,8 @@ def validate_run(main_module: types.ModuleType, args: argparse.Namespace
             raise RecipeError(f'recipe key task: {recipe["task"]!r}, but this train.py has no --task option '
                               f'(patches/ adds it); remove the key or name {FACTORY_PATH}')
         if recipe.get('task_kwargs'):
-            raise RecipeError(f'recipe key task_kwargs needs a train.py with --task (patches/); put the settings '
-                              f'in the stimulative: section')
+            raise RecipeError('recipe key task_kwargs needs a train.py with --task (patches/); put the settings '
+                              'in the stimulative: section')
         ours |= {'task', 'task_kwargs'}
     if recipe.get('eval_subnets'):
         raise RecipeError(
