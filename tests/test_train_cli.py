@@ -87,6 +87,21 @@ def test_resume_continues_epochs_and_subnet_sequence(tmp_path, image_folder):
                        _sampler_state(tmp_path / 'full' / 'last.pth.tar'))
 
 
+def test_results_json_subnets_equal_timm_st_analyze_of_the_run(tmp_path, image_folder):
+    """results.json and `timm-st analyze` of the same run report the same sub-networks with the same
+    accuracy (running statistics: no calibration images involved): they share the evaluation code."""
+    from timm_st.commands.analyze import main as analyze_main
+    recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 1, 'sample_space': {'max_drop': [2, 2, 2]}})
+    run(['-c', recipe, '--data-dir', image_folder, '--output', tmp_path, '--experiment', 'run'] + BASE)
+    results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert analyze_main([str(tmp_path / 'run'), '--data-dir', str(image_folder), '--checkpoint', 'last', '--subnets', '3',
+                         '--bn', 'running', '--workers', '0', '--output', str(tmp_path / 'analysis')]) == 0
+    analysis = json.loads((tmp_path / 'analysis' / 'analysis.json').read_text())
+    entries = analysis['sources'][0]['subnets']
+    assert entries[0]['depths'] == [3, 3, 3] and entries[0]['running']['top1'] == results['full']['top1']
+    assert [e['depths'] for e in entries[1:]] == [e['depths'] for e in results['subnets']['subnets']]
+    assert [e['running']['top1'] for e in entries[1:]] == [e['running']['top1'] for e in results['subnets']['subnets']]
+
 def test_resume_without_state_would_differ(tmp_path, image_folder):
     """The resume check above can fail: a fresh sampler ends elsewhere."""
     recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 2, 'seed': 5})
