@@ -366,25 +366,11 @@ def evaluate_routes(
     return [_metrics(t) for t in totals]
 
 
-def evaluate_plans(
-        model: nn.Module,
-        plans: Sequence[SubnetPlan],
-        loader: Iterable,
-        device: torch.device,
-        *,
-        bn: str = 'running',
-        calib_loader: Optional[Iterable] = None,
-        calib_images: int = 2000,
-        autocast: Callable[[], ContextManager] = nullcontext,
-        channels_last: bool = False,
-        max_samples: Optional[int] = None,
-        method: str = 'auto',
-        progress: Optional[Any] = None,
-        distributed: bool = False,
-        on_logits: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-        info: Optional[Dict[str, Any]] = None,
-) -> List[Dict[str, Any]]:
+def evaluate_plans(model: nn.Module, plans: Sequence[SubnetPlan], loader: Iterable, device: torch.device,
+                   **options: Any) -> List[Dict[str, Any]]:
     """Accuracy of every plan: `[{'depths', 'top1', 'top5', 'loss', 'samples'}]`, in plan order.
+
+    Keyword options (those of `evaluate_routes`):
 
     bn: 'running' evaluates with the model's running statistics (eval mode); 'recalibrate' first
     re-estimates each sub-network's own BatchNorm statistics on `calib_images` images of
@@ -401,10 +387,7 @@ def evaluate_plans(
     'block_evaluations_each_per_batch' (what one by one runs).
     The model's parameters, buffers and train/eval flags are unchanged afterwards, also on error.
     """
-    results = evaluate_routes(
-        model, [(plan.blocks, plan.input_size) for plan in plans], loader, device, bn=bn, calib_loader=calib_loader,
-        calib_images=calib_images, autocast=autocast, channels_last=channels_last, max_samples=max_samples,
-        method=method, progress=progress, distributed=distributed, on_logits=on_logits, info=info)
+    results = evaluate_routes(model, [(plan.blocks, plan.input_size) for plan in plans], loader, device, **options)
     return [{'depths': list(plan.depths), **r} for plan, r in zip(plans, results)]
 
 
