@@ -224,6 +224,9 @@ def test_calibration_images_are_a_fixed_spread_subset():
     ('no train split', '--bn recalibrate needs training images'),
     ('unreadable checkpoint', 'cannot be read'),
     ('model name without --pretrained', 'add --pretrained'),
+    ('calibration images', '--calib-images 0: give a positive number'),
+    ('subnets', "--subnets 'many': give \"all\" or a positive number"),
+    ('max samples', '--max-samples 0: give a positive number'),
 ])
 def test_bad_input_fails_before_any_evaluation(case, expected, tmp_path, image_folder, capsys, no_evaluation):
     run = _timm_st_run(tmp_path / 'run', _model())
@@ -249,6 +252,12 @@ def test_bad_input_fails_before_any_evaluation(case, expected, tmp_path, image_f
         path = tmp_path / 'garbage.pth'
         path.write_bytes(b'not a checkpoint')
         argv[0:1] = [path, '--model', 'resnet18']
+    elif case == 'calibration images':
+        argv += ['--bn', 'recalibrate', '--calib-images', '0']
+    elif case == 'subnets':
+        argv += ['--subnets', 'many']
+    elif case == 'max samples':
+        argv += ['--max-samples', '0']
     else:
         argv[0] = 'resnet18'
     assert _run(argv) == 2
