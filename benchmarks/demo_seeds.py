@@ -4,8 +4,8 @@
 
 Trains `recipes/demo_digits_ct.yaml` and `recipes/demo_digits.yaml` once per seed (a finished run
 is left as it is: `--resume auto` makes a second invocation a no-op), then evaluates every
-sub-network of the recipes' space with its own re-estimated BatchNorm statistics and prints the
-table of mean +- std over seeds. Figures and `analysis.json` land in OUTPUT/analysis.
+sub-network of the recipes' space with the full network's and with its own re-estimated BatchNorm
+statistics and prints the table of mean +- std over seeds. Figures and `analysis.json` land in OUTPUT/analysis.
 """
 import argparse
 import os
@@ -39,7 +39,7 @@ def main() -> None:
             print(f'{name}: {time.time() - start:.0f} s', flush=True)
             runs.append(os.path.join(args.output, name))
         groups += ['--group', arm, *runs]
-    run(['analyze', *groups, '--checkpoint', 'last', '--bn', 'recalibrate', '--subnets', 'all',
+    run(['analyze', *groups, '--checkpoint', 'last', '--bn', 'both', '--subnets', 'all',
          '--calib-images', str(args.calib_images), '--output', os.path.join(args.output, 'analysis')])
 
 

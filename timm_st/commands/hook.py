@@ -54,7 +54,7 @@ from ..method.task import StimulativeTask
 from .digits import materialize_digits
 from .recipe import (RecipeError, check_combinations, check_keys, check_run, check_values, load_recipe, option_names,
                      stimulative_config)
-from .run_folder import holds_run
+from .run_folder import holds_run, resumes_in_place, run_folder_path
 
 __all__ = [
     'SUPPORTED', 'UnsupportedTrainScript', 'HookState',
@@ -258,19 +258,13 @@ def _selects_factory(module: types.ModuleType, args: Any) -> bool:
 
 def _check_output_folder(args: Any) -> None:
     """train.py writes into OUTPUT/EXPERIMENT whatever is there: refuse a folder holding another run
-    unless the command resumes from a checkpoint inside it."""
-    experiment = getattr(args, 'experiment', '')
-    if not experiment:
-        return  # train.py names a new folder after the time, model and size
-    folder = os.path.join(getattr(args, 'output', '') or './output/train', experiment)
-    if not holds_run(folder):
-        return
-    resume = getattr(args, 'resume', '')
-    if resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(folder):
+    unless the command resumes from a checkpoint inside it (the rule of `timm-st train` without --overwrite)."""
+    folder = run_folder_path(getattr(args, 'output', ''), getattr(args, 'experiment', ''))
+    if folder is None or not holds_run(folder) or resumes_in_place(folder, getattr(args, 'resume', '')):
         return
     raise RecipeError(
-        f'output folder {folder!r} already holds a run, and train.py would overwrite its checkpoints and args.yaml; '
-        f'continue it with --resume {os.path.join(folder, "last.pth.tar")}, choose another --experiment, or delete '
+        f'output folder {str(folder)!r} already holds a run, and train.py would overwrite its checkpoints and '
+        f'args.yaml; continue it with --resume {folder / "last.pth.tar"}, choose another --experiment, or delete '
         f'the folder')
 
 

@@ -24,7 +24,7 @@ import yaml
 
 __all__ = ['RunFolderError', 'RunFolder', 'read_run', 'holds_run', 'build_model', 'read_checkpoint',
            'CHECKPOINT_FILES', 'RUN_FILES', 'WRITTEN_BY_KEY', 'write_args', 'write_summary_row', 'truncate_summary',
-           'write_results', 'clear_run']
+           'write_results', 'clear_run', 'run_folder_path', 'resumes_in_place']
 
 PathLike = Union[str, Path]
 
@@ -71,6 +71,17 @@ def holds_run(path: PathLike) -> bool:
         return False
     return any((path / name).exists() for name in RUN_FILES) or any(
         next(path.glob(pattern), None) is not None for pattern in RUN_PATTERNS)
+
+
+def run_folder_path(output: Optional[str], experiment: Optional[str]) -> Optional[Path]:
+    """OUTPUT/EXPERIMENT, as timm's train.py and `timm-st train` name a run folder; None when the experiment is
+    not named (the runner then creates a new folder named after the time, model and size)."""
+    return Path(output or './output/train') / experiment if experiment else None
+
+
+def resumes_in_place(folder: PathLike, resume: Optional[str]) -> bool:
+    """Whether `resume` is a checkpoint inside `folder`, i.e. the command continues that run there."""
+    return bool(resume) and Path(resume).resolve().parent == Path(folder).resolve()
 
 
 def _number(value: Optional[str]) -> Union[float, str, None]:

@@ -36,8 +36,8 @@ from ..method.config import StimulativeConfig, describe_method
 from ..method.task import StimulativeTask
 from .digits import materialize_digits
 from .recipe import RecipeError, check_run, parse_args
-from .run_folder import (RUN_FILES, build_model, clear_run, holds_run, read_checkpoint, truncate_summary, write_args,
-                         write_results, write_summary_row)
+from .run_folder import (RUN_FILES, build_model, clear_run, holds_run, read_checkpoint, resumes_in_place,
+                         run_folder_path, truncate_summary, write_args, write_results, write_summary_row)
 
 __all__ = ['main', 'train', 'TrainingStopped']
 
@@ -139,14 +139,9 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
-def _run_folder(args) -> Optional[Path]:
-    """OUTPUT/EXPERIMENT when the experiment is named (else it gets a timestamped name later)."""
-    return Path(args.output or './output/train') / args.experiment if args.experiment else None
-
-
 def _auto_resume(args) -> str:
     """`--resume auto`: the run folder's last.pth.tar, or '' (a fresh run) when it holds no checkpoint yet."""
-    folder = _run_folder(args)
+    folder = run_folder_path(args.output, args.experiment)
     if folder is None:
         _fail('--resume auto continues OUTPUT/EXPERIMENT in place: give the run a name with --experiment NAME')
     last = folder / 'last.pth.tar'
@@ -161,7 +156,7 @@ def _run_folder_mode(folder: Path, args, resume_path: str, resume_auto: bool) ->
     """
     if not holds_run(folder):
         return 'fresh'
-    inside = bool(resume_path) and Path(resume_path).resolve().parent == folder.resolve()
+    inside = resumes_in_place(folder, resume_path)
     if inside and args.overwrite:
         _fail(f'--overwrite would delete {resume_path!r}, the checkpoint this run resumes from; drop --overwrite to '
               f'continue the run in place, or resume into another --experiment')
@@ -275,7 +270,7 @@ def train(args, config: Optional[StimulativeConfig], argv: Optional[Sequence[str
     check_run(args, config, runner='timm-st train')
     _check_run_options(args)
     resume_path = args.resume
-    folder = _run_folder(args)
+    folder = run_folder_path(args.output, args.experiment)
     folder_mode = _run_folder_mode(folder, args, resume_path, resume_auto) if folder is not None else None
     if resume_auto:
         args.resume = 'auto'  # args.yaml records the command as given: re-running it is idempotent
