@@ -1,9 +1,11 @@
 import copy
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from timm_st import SubnetPlan
@@ -22,14 +24,22 @@ class FixedSampler:
         return plan
 
 
+IMAGE_SIZE = 64  # resnet18's layer4 runs on 2x2 maps here (1x1 at 32 px: gradients mostly zero)
+
+
 @pytest.fixture
 def resnet():
-    """A small BatchNorm ResNet (stage depths 2, 2, 2, 2) in train mode."""
+    """A small BatchNorm ResNet (resnet18: stage depths 2, 2, 2, 2) in train mode, every residual branch active.
+
+    timm zero-inits the last BatchNorm scale of each block (`zero_init_last`), which silences every
+    residual branch of a fresh model: sub-networks would equal the full network and most gradients
+    would be exactly zero. `zero_init_last=False` gives every block signal.
+    """
     torch.manual_seed(0)
-    return timm.create_model('resnet18', num_classes=7).train()
+    return timm.create_model('resnet18', num_classes=7, zero_init_last=False).train()
 
 
-def batch(n=4, size=32, classes=7, seed=1):
+def batch(n=4, size=IMAGE_SIZE, classes=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
 
@@ -49,8 +59,78 @@ def assert_grads_close(got, ref, rel=1e-6):
         assert err <= rel, f'{name}: relative error {err:.3e} > {rel:g}'
 
 
-PLANS = [SubnetPlan.prefix((1, 2, 1, 1), input_size=24), SubnetPlan.prefix((2, 1, 2, 1)),
-         SubnetPlan.from_masks([[1, 1], [1, 0], [1, 1], [1, 0]], input_size=20)]
+PLANS = [SubnetPlan.prefix((1, 2, 1, 1), input_size=48), SubnetPlan.prefix((2, 1, 2, 1)),
+         SubnetPlan.from_masks([[1, 1], [1, 0], [1, 1], [1, 0]], input_size=40)]
+
+
+def assert_nontrivial_grads(grads, min_nonzero=0.95):
+    """At least `min_nonzero` of all compared gradient elements (a `{name: tensor}` dict, as `grads()`
+    returns) are non-zero, and no parameter's gradient is all zeros: a comparison of such gradients
+    can see an error in any block."""
+    assert grads, 'no gradients to compare'
+    total = sum(g.numel() for g in grads.values())
+    nonzero = sum(int(torch.count_nonzero(g)) for g in grads.values())
+    silent = sorted(n for n, g in grads.items() if not torch.count_nonzero(g))
+    assert nonzero >= min_nonzero * total, (
+        f'only {nonzero / total:.1%} of {total} compared gradient elements are non-zero (< {min_nonzero:.0%})')
+    assert not silent, f'all-zero gradients (the comparison cannot see these): {silent}'
+
+
+def stem_stages_head(model):
+    """A residual model's parts, found by hand (not through the package's adapters): `(stem, stages, head)`,
+    where `stem` and `head` are callables and `stages` is a list of lists of blocks, run in order.
+    timm's `ResNet` and this package's `CifarResNet`; the head is global average pooling + `fc`."""
+    from timm.models.resnet import ResNet
+    from timm_st.models.cifar_resnet import CifarResNet
+    if isinstance(model, ResNet):
+        def stem(x):
+            return model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        stages = [list(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    elif isinstance(model, CifarResNet):
+        stem = model.stem
+        stages = [list(stage) for stage in model.stages]
+    else:
+        raise TypeError(f'stem_stages_head: no hand-written split for {type(model).__name__}')
+
+    def head(x):
+        return model.fc(x.mean((2, 3)))
+    return stem, stages, head
+
+
+def subnet_forward(model, plan, x):
+    """The sub-network `plan` built by hand: the batch resized (bilinear, antialiased) to `plan.input_size`,
+    the stem, the kept blocks of each stage (`plan.blocks`), the head. BatchNorm as the model's mode says."""
+    if plan.input_size is not None and x.shape[-1] != plan.input_size:
+        x = F.interpolate(x, size=(plan.input_size,) * 2, mode='bilinear', align_corners=False, antialias=True)
+    stem, stages, head = stem_stages_head(model)
+    x = stem(x)
+    for blocks, kept in zip(stages, plan.blocks):
+        for i in kept:
+            x = blocks[i](x)
+    return head(x)
+
+
+@contextmanager
+def restored_buffers(model):
+    """Whatever runs inside leaves every buffer (BatchNorm running statistics and counts) as it was."""
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+
+
+def assert_subnets_differ(model, plans, x, min_rel=0.05):
+    """Each plan's sub-network logits (built by hand, batch statistics, buffers left alone) differ from the
+    full network's by at least `min_rel` relative norm: a test comparing sub-network passes can tell a
+    sub-network from the full network. Returns the relative differences."""
+    with torch.no_grad(), restored_buffers(model):
+        full = model(x)
+        rels = [float((subnet_forward(model, p, x) - full).norm() / full.norm()) for p in plans]
+    assert all(r >= min_rel for r in rels), f'sub-network logits too close to the full network: {rels}'
+    return rels
 
 
 def write_image_folder(root):
