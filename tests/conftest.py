@@ -79,7 +79,7 @@ def assert_nontrivial_grads(grads, min_nonzero=0.95):
 def stem_stages_head(model):
     """A residual model's parts, found by hand (not through the package's adapters): `(stem, stages, head)`,
     where `stem` and `head` are callables and `stages` is a list of lists of blocks, run in order.
-    timm's `ResNet` and this package's `CifarResNet`; the head is global average pooling + `fc`."""
+    timm's `ResNet` and this package's `CifarResNet`; the head is the model's own (`forward_head`)."""
     from timm.models.resnet import ResNet
     from timm_st.models.cifar_resnet import CifarResNet
     if isinstance(model, ResNet):
@@ -91,10 +91,7 @@ def stem_stages_head(model):
         stages = [list(stage) for stage in model.stages]
     else:
         raise TypeError(f'stem_stages_head: no hand-written split for {type(model).__name__}')
-
-    def head(x):
-        return model.fc(x.mean((2, 3)))
-    return stem, stages, head
+    return stem, stages, model.forward_head
 
 
 def subnet_forward(model, plan, x):
@@ -112,14 +109,17 @@ def subnet_forward(model, plan, x):
 
 @contextmanager
 def restored_buffers(model):
-    """Whatever runs inside leaves every buffer (BatchNorm running statistics and counts) as it was."""
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    """Whatever runs inside leaves every buffer (BatchNorm running statistics and counts) as it was: the modules
+    get copies of their buffers for the block, and their own tensors back afterwards (never written in place,
+    so a graph that saved the copies can still run backward)."""
+    saved = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    for m, name, b in saved:
+        m._buffers[name] = b.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(saved[n])
+        for m, name, b in saved:
+            m._buffers[name] = b
 
 
 def assert_subnets_differ(model, plans, x, min_rel=0.05):
