@@ -14,7 +14,7 @@ from timm_st.commands import analyze as analyze_cmd
 from timm_st.analysis.evaluation import subnet_statistics
 from timm_st.commands.analyze import group_statistics, shard_bounds
 from timm_st.commands.cli import main as cli_main
-from timm_st.commands.run_folder import write_args, write_summary_row
+from timm_st.runs.folder import write_args, write_summary_row
 
 from conftest import write_image_folder
 

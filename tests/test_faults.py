@@ -6,7 +6,7 @@ import shlex
 import pytest
 import torch
 
-import timm_st.commands.train as train_module
+import timm_st.runs.runner as runner_module
 from timm_st.commands.train import main
 
 BASE = [
@@ -52,7 +52,7 @@ def no_training(monkeypatch):
     """Fails the test if a training epoch starts."""
     def refuse(*a, **k):
         raise AssertionError('a training step ran')
-    monkeypatch.setattr(train_module, '_train_one_epoch', refuse)
+    monkeypatch.setattr(runner_module, 'train_one_epoch', refuse)
 
 
 class _CountingLoss(torch.nn.CrossEntropyLoss):
@@ -70,7 +70,7 @@ class _CountingLoss(torch.nn.CrossEntropyLoss):
 
 
 def patch_loss(monkeypatch, action):
-    monkeypatch.setattr(train_module, '_train_criterion', lambda args, mixup: _CountingLoss(action))
+    monkeypatch.setattr(runner_module, 'train_criterion', lambda args: _CountingLoss(action))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def test_existing_run_refused_byte_identical(tmp_path, image_folder, capsys, mon
 
     def refuse(*a, **k):
         raise AssertionError('a training step ran')
-    monkeypatch.setattr(train_module, '_train_one_epoch', refuse)
+    monkeypatch.setattr(runner_module, 'train_one_epoch', refuse)
     assert main(argv(image_folder, tmp_path, 'run', '--epochs', 2)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1  # refused before any logging
@@ -231,7 +231,7 @@ def test_ctrl_c_prints_where_to_resume_and_resumes(tmp_path, image_folder, capsy
     command = err.split('Continue with: ')[1]
     assert command.startswith('timm-st train ') and command.endswith('--resume auto')
     assert not (folder / 'results.json').exists()
-    monkeypatch.setattr(train_module, '_train_criterion', lambda args, mixup: torch.nn.CrossEntropyLoss())
+    monkeypatch.setattr(runner_module, 'train_criterion', lambda args: torch.nn.CrossEntropyLoss())
     assert main(shlex.split(command)[2:]) == 0
     assert summary_epochs(folder) == [0, 1] and (folder / 'results.json').is_file()
 

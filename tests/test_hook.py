@@ -22,7 +22,7 @@ import timm_st.commands.hook as hook
 import timm_st.method.task
 from timm_st import StimulativeConfig, StimulativeTask
 from conftest import write_image_folder
-from timm_st.commands.recipe import RecipeError
+from timm_st.runs.errors import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = REPO / 'patches' / 'train_task_option.patch'
@@ -305,11 +305,11 @@ def refusal(capsys, call) -> str:
 def test_conflicting_options_are_refused(tmp_path):
     args = make_args({'loss': 'dkd'})
     args.mixup = 0.8
-    with pytest.raises(RecipeError, match='class-index targets'):
+    with pytest.raises(RunError, match='class-index targets'):
         hook.install(fake_train_module(tmp_path, args), args)
     args = make_args({'num_subnets': 1})
     args.kd_model_name = 'resnet50'
-    with pytest.raises(RecipeError, match='kd_model_name'):
+    with pytest.raises(RunError, match='kd_model_name'):
         hook.install(fake_train_module(tmp_path, args), args)
 
 
@@ -317,7 +317,7 @@ def test_model_without_adapter_fails_clearly(tmp_path):
     args = make_args({'num_subnets': 1})
     module = fake_train_module(tmp_path, args)
     hook.install(module, args)
-    with pytest.raises(RecipeError, match='timm_st'):
+    with pytest.raises(RunError, match='timm_st'):
         module.ClassificationTask(model=torch.nn.Linear(3, 3), criterion=None, device=None, dtype=None, verbose=False)
 
 
@@ -352,7 +352,7 @@ def test_args_not_found_outside_main(tmp_path, capsys):
 def test_missing_args_option_is_unsupported(tmp_path):
     args = make_args({'num_subnets': 1})
     del args.epochs
-    with pytest.raises(RuntimeError, match='epochs'):
+    with pytest.raises(hook.UnsupportedTrainScript, match='epochs'):
         hook.install(fake_train_module(tmp_path, args), args)
 
 
@@ -371,7 +371,7 @@ def test_patched_train_py_with_task_option_is_left_alone(tmp_path):
     assert hook.install(module, args) is not None
     # a patched train.py told to build another task while the recipe asks for stimulative training
     args = make_args({'num_subnets': 1}, task='timm.task:ClassificationTask')
-    with pytest.raises(RecipeError, match='--task'):
+    with pytest.raises(RunError, match='--task'):
         hook.install(_with_task_option(fake_train_module(tmp_path, args)), args)
 
 
@@ -381,7 +381,7 @@ def test_create_task_factory_for_patched_train_py():
                             verbose=False, args=args, num_subnets=3)  # --task-kwargs override single keys
     assert isinstance(task, StimulativeTask) and task.num_epochs == 7
     assert task.config == StimulativeConfig.from_dict({'num_subnets': 3, 'loss': 'kl', 'coef_schedule': 'cosine_up'})
-    with pytest.raises(RecipeError, match='stimulative.temperature'):
+    with pytest.raises(RunError, match='stimulative.temperature'):
         hook.create_task(model=tiny_model(), args=args, temperature=0)
     # a common-training recipe: timm's ClassificationTask, as timm-st train builds
     task = hook.create_task(model=tiny_model(), criterion=None, device=None, dtype=None, verbose=False,

@@ -18,7 +18,7 @@ import huggingface_hub
 import timm
 from timm_st.commands import publish as publish_module
 from timm_st.commands.publish import PublishError, export_checkpoint, main, publish
-from timm_st.commands.recipe import parse_args
+from timm_st.runs.recipe import parse_args
 from timm_st.commands.train import main as train_main
 
 REPO = 'org/resnet18.st_test'
@@ -328,7 +328,7 @@ def test_existing_local_dir_needs_overwrite(st_run, tmp_path, capsys):
     dest = tmp_path / 'out'
     dest.mkdir()
     (dest / 'keep.txt').write_text('mine')
-    assert main([str(st_run), '--local-dir', str(dest)]) == 1
+    assert main([str(st_run), '--local-dir', str(dest)]) == 2  # bad input
     assert 'not empty' in capsys.readouterr().err
     assert [p.name for p in dest.iterdir()] == ['keep.txt']
     assert main([str(st_run), '--local-dir', str(dest), '--overwrite']) == 0
@@ -350,7 +350,7 @@ def test_failure_while_writing_leaves_nothing(st_run, tmp_path, capsys, monkeypa
     dest = tmp_path / 'existing'
     dest.mkdir()
     (dest / 'keep.txt').write_text('mine')
-    assert main([str(st_run), '--local-dir', str(dest), '--overwrite']) == 1
+    assert main([str(st_run), '--local-dir', str(dest), '--overwrite']) == 2  # bad input
     assert [p.name for p in dest.iterdir()] == ['keep.txt']  # the old export is still whole
     assert no_leftovers(tmp_path) == []
 
@@ -414,7 +414,7 @@ def test_push_uploads_the_local_export(st_run, tmp_path, fake_hub, capsys):
 
 def test_push_into_existing_repo_needs_overwrite(st_run, fake_hub, capsys):
     fake_hub.exists = True
-    assert main([str(st_run), '--repo-id', REPO]) == 1
+    assert main([str(st_run), '--repo-id', REPO]) == 2  # bad input
     assert 'already exists' in capsys.readouterr().err
     assert [c[0] for c in fake_hub.calls] == ['init', 'repo_exists']
     assert main([str(st_run), '--repo-id', REPO, '--overwrite']) == 0
@@ -426,7 +426,7 @@ def test_push_into_existing_repo_needs_overwrite(st_run, fake_hub, capsys):
 
 def test_push_without_token(st_run, fake_hub, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, 'get_token', lambda: None)
-    assert main([str(st_run), '--repo-id', REPO]) == 1
+    assert main([str(st_run), '--repo-id', REPO]) == 2  # bad input
     assert 'no Hugging Face token' in capsys.readouterr().err
     assert fake_hub.calls == []  # checked before any work
 
@@ -441,7 +441,7 @@ def test_push_network_failure(st_run, fake_hub, capsys, where):
 
 
 def test_push_bad_repo_id(st_run, fake_hub, capsys):
-    assert main([str(st_run), '--repo-id', 'no-owner']) == 1
+    assert main([str(st_run), '--repo-id', 'no-owner']) == 2  # bad input
     assert 'ORG_OR_USER/NAME' in capsys.readouterr().err
     with pytest.raises(PublishError, match='not a valid repository id'):
         publish(st_run, 'bad//id')

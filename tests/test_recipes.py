@@ -6,7 +6,8 @@ import pytest
 import timm
 
 from timm_st import StimulativeTask
-from timm_st.commands.recipe import check_combinations, load_recipe, parse_args
+from timm_st.runs.recipe import load_recipe, parse_args
+from timm_st.runs.validation import check_combinations
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / 'recipes').glob('*.yaml'))
 

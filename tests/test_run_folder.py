@@ -7,7 +7,9 @@ import torch
 import yaml
 
 import timm
-from timm_st.commands.run_folder import (RunFolderError, build_model, holds_run, read_run, write_summary_row)
+from timm_st.runs.build import build_model
+from timm_st.runs.errors import RunError
+from timm_st.runs.folder import holds_run, read_run, write_summary_row
 from timm_st.commands.train import main
 
 BASE = [
@@ -88,16 +90,16 @@ def test_reads_a_train_py_run_folder(tmp_path, ema):
     if ema:
         assert torch.equal(run.load_state_dict('last', ema=True)['fc.weight'], model.fc.weight + 1)
     else:
-        with pytest.raises(RunFolderError, match='holds no EMA weights'):
+        with pytest.raises(RunError, match='holds no EMA weights'):
             run.load_state_dict('last', ema=True)
 
 
 def test_missing_and_foreign_folders(tmp_path):
     assert not holds_run(tmp_path / 'none') and not holds_run(tmp_path)
-    with pytest.raises(RunFolderError, match='does not exist'):
+    with pytest.raises(RunError, match='does not exist'):
         read_run(tmp_path / 'none')
     (tmp_path / 'other.txt').write_text('x')
-    with pytest.raises(RunFolderError, match='holds no training run'):
+    with pytest.raises(RunError, match='holds no training run'):
         read_run(tmp_path)
     (tmp_path / 'checkpoint-3.pth.tar').write_bytes(b'')
     assert holds_run(tmp_path)
@@ -106,13 +108,13 @@ def test_missing_and_foreign_folders(tmp_path):
 def test_checkpoint_errors_name_the_fix(tmp_path):
     folder, _ = _train_py_folder(tmp_path, ema=False)
     run = read_run(folder)
-    with pytest.raises(RunFolderError, match=r"no checkpoint .*checkpoint-9.pth.tar.*checkpoints there: "
+    with pytest.raises(RunError, match=r"no checkpoint .*checkpoint-9.pth.tar.*checkpoints there: "
                                              r"\['last.pth.tar', 'model_best.pth.tar'\]"):
         run.checkpoint_path('checkpoint-9.pth.tar')
     state = torch.load(folder / 'last.pth.tar', weights_only=False)
     state['state_dict']['fc.weight'][0, 0] = float('nan')
     torch.save(state, folder / 'last.pth.tar')
-    with pytest.raises(RunFolderError, match="'fc.weight' holds NaN or inf"):
+    with pytest.raises(RunError, match="'fc.weight' holds NaN or inf"):
         run.load_state_dict('last')
 
 
@@ -120,7 +122,7 @@ def test_build_model_follows_the_run_arguments():
     import timm_st  # noqa: F401
     model = build_model({'model': 'resnet20_cifar', 'num_classes': 5, 'input_size': [1, 16, 16], 'drop': 0.25})
     assert model.num_classes == 5 and next(model.parameters()).shape[1] == 1  # in_chans from input_size, as train.py
-    with pytest.raises(RunFolderError, match="model 'resnet51' of this run is not a timm model"):
+    with pytest.raises(RunError, match="model 'resnet51' of this run is not a timm model"):
         build_model({'model': 'resnet51'})
-    with pytest.raises(RunFolderError, match='do not fit'):
+    with pytest.raises(RunError, match='do not fit'):
         build_model({'model': 'resnet20_cifar', 'num_classes': 3}, state_dict=model.state_dict())

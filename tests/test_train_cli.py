@@ -220,10 +220,11 @@ TRAIN_PY_CRITERION = [
 
 @pytest.mark.parametrize('mixup,smoothing,bce,name,applied', TRAIN_PY_CRITERION)
 def test_criterion_matches_train_py(mixup, smoothing, bce, name, applied):
-    from timm_st.commands.recipe import parse_args
-    from timm_st.commands.train import _train_criterion
-    args, _ = parse_args(['--smoothing', str(smoothing)] + (['--bce-loss'] if bce else []))
-    criterion = _train_criterion(args, mixup_active=mixup)
+    from timm_st.runs.build import train_criterion
+    from timm_st.runs.recipe import parse_args
+    mixup_args = ['--mixup', '0.2'] if mixup else []
+    args, _ = parse_args(['--smoothing', str(smoothing)] + (['--bce-loss'] if bce else []) + mixup_args)
+    criterion = train_criterion(args)
     assert type(criterion).__name__ == name
     if applied is not None:
         assert criterion.smoothing == applied
@@ -231,7 +232,7 @@ def test_criterion_matches_train_py(mixup, smoothing, bce, name, applied):
 
 def test_best_checkpoint_by_ema_metric(tmp_path, image_folder, monkeypatch):
     """With EMA validated, model_best follows the EMA metric (as train.py); the plain metric would pick epoch 1."""
-    import timm_st.commands.train as train_module
+    import timm_st.runs.runner as runner_module
     plain = iter([10.0, 90.0, 20.0])
     ema = iter([70.0, 30.0, 50.0])
     calls = []
@@ -240,7 +241,7 @@ def test_best_checkpoint_by_ema_metric(tmp_path, image_folder, monkeypatch):
         calls.append(model)
         top1 = next(plain) if len(calls) % 2 else next(ema)
         return {'loss': 100.0 - top1, 'top1': top1, 'top5': 100.0}
-    monkeypatch.setattr(train_module, 'validate', scripted)
+    monkeypatch.setattr(runner_module, 'validate', scripted)
     run(['--data-dir', image_folder, '--output', tmp_path, '--experiment', 'ema'] + BASE
         + ['--epochs', '3', '--model-ema', '--eval-subnets', '0'])
     out = tmp_path / 'ema'

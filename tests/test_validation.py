@@ -15,11 +15,13 @@ import torch
 import yaml
 
 import timm_st.commands.hook as hook
-import timm_st.commands.recipe as recipe_module
+import timm_st.runs.validation as validation_module
 from conftest import write_image_folder
 from test_hook import FAKE_TRAIN_PY, fake_train_module
 from timm_st import StimulativeConfig, StimulativeTask
-from timm_st.commands.recipe import RecipeError, build_parser, parse_args
+from timm_st.runs.errors import RunError
+from timm_st.runs.options import build_parser
+from timm_st.runs.recipe import parse_args
 from timm_st.commands.train import main as timm_st_train
 
 # a tiny valid run, as a recipe for either runner
@@ -239,7 +241,7 @@ def test_workers_0_refused_where_timms_loader_rejects_it(tmp_path, capsys, image
     code, err = run_hook(tmp_path, capsys, {'workers': 0}, ['--data-dir', str(image_folder)])
     assert code == 2 and 'workers: 0' in one_line(err, 'timm_st: error: ') and '--workers 1' in err
     assert snapshot(output) == before
-    assert recipe_module._loader_takes_zero_workers() is False
+    assert validation_module._loader_takes_zero_workers() is False
 
 
 def test_resume_inside_the_run_folder_is_not_refused_by_the_hook(tmp_path, capsys, image_folder, checkpoints):
@@ -289,7 +291,7 @@ def test_command_line_values_win_over_recipe_values_on_the_hook(tmp_path, image_
 ])
 def test_invalid_values_rejected(tmp_path, keys, words):
     path = write_recipe(tmp_path / 'r.yaml', keys)
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(RunError) as info:
         parse_args(['-c', path])
     for word in words:
         assert word in str(info.value), (word, str(info.value))
@@ -315,7 +317,7 @@ def test_stimulative_overrides_single_keys(tmp_path):
     (['--stimulative', 'loss=kl_direction', 'amplitude=0'], ['stimulative.amplitude', '> 0']),
 ])
 def test_stimulative_overrides_validated_like_the_recipe(argv, words):
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(RunError) as info:
         parse_args(argv)
     for word in words:
         assert word in str(info.value), (word, str(info.value))

@@ -1,2 +1,2 @@
-"""Commands and runners: the `timm-st` CLI, recipe parsing and validation, the run folder,
-`timm-st train`, the hook for timm's own `train.py`, and `timm-st publish`."""
+"""The commands: `timm-st train|analyze|publish` (`cli`), each a parser and a `main` over `timm_st.runs`,
+and `hook`, the module timm's own train.py imports (recipes' `device_modules`)."""

@@ -31,7 +31,6 @@ import yaml
 
 import timm
 from timm import utils
-from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.data.dataset_factory import _search_split
 
 from ..analysis.evaluation import evaluate_plans, relative_flops, subnet_plans, subnet_statistics
@@ -39,8 +38,15 @@ from ..analysis.lesions import lesion_study
 from ..method.adapters import stage_depths, subnet_stages
 from ..method.plan import SubnetPlan
 from ..method.sampling import list_sample_spaces, resolve_sample_space
-from .digits import materialize_digits
-from .run_folder import RunFolder, RunFolderError, build_model, checkpoint_weights, read_checkpoint, read_run
+from ..runs.build import build_model
+from ..runs.checkpoints import load_weights
+from ..runs.data import (FixedSubset as _FixedSubset, calibration_loader, class_names as _class_names, create_split,
+                         data_config as _resolve_data_config, eval_loader, fixed_subset, image_mode)
+from ..runs.digits import materialize_digits
+from ..runs.errors import RunError as AnalyzeError
+from ..runs.folder import RunFolder, read_run
+from ..runs.loggers import setup_logging
+from ..runs.options import CALIB_IMAGES
 
 __all__ = ['main', 'build_parser', 'AnalyzeError', 'group_statistics', 'shard_bounds']
 
@@ -50,10 +56,6 @@ BN_MODES = ('running', 'recalibrate')
 ALL_SUBNETS_LIMIT = 512  # `--subnets` default: every member up to this many, else this many drawn
 STATISTICS = ('full_top1', 'subnet_mean', 'subnet_std', 'subnet_min', 'subnet_max', 'loafing_gap')
 COSTS = ('epochs', 'img_per_sec', 'train_time')
-
-
-class AnalyzeError(ValueError):
-    """An input `timm-st analyze` cannot use; the message names the problem and the fix."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument('--bn', choices=BN_MODES + ('both',), default='running',
                        help='BatchNorm statistics of each sub-network: the model\'s running ones, re-estimated '
                             'for every sub-network on --calib-images training images, or both')
-    space.add_argument('--calib-images', type=int, default=2000,
+    space.add_argument('--calib-images', type=int, default=CALIB_IMAGES,
                        help='training images per re-estimation (a fixed random subset, under the run\'s training '
                             'augmentation, seeded)')
     space.add_argument('--lesion', action='store_true',
@@ -211,7 +213,7 @@ def _read_runs(sources: List[Source], args) -> None:
             continue
         try:
             s.run = read_run(s.spec)
-        except RunFolderError as e:
+        except AnalyzeError as e:
             _fail(str(e))
         s.kind = f'run folder ({s.run.written_by})'
 
@@ -254,23 +256,7 @@ def _data_spec(args, run_args: Mapping[str, Any]) -> DataSpec:
 
 
 def _create_dataset(data: DataSpec, split: str, input_img_mode: str):
-    try:
-        dataset = create_dataset(data.name, root=data.root, split=split, is_training=False,
-                                 class_map=data.class_map, input_img_mode=input_img_mode)
-    except Exception as e:
-        _fail(f'cannot read split {split!r} of {data.shown} ({_first_line(e)}); an image folder needs '
-              f'{split}/<class>/ subfolders with images: fix --data-dir, --dataset or --split')
-    if len(dataset) == 0:
-        _fail(f'split {split!r} of {data.shown} holds no images; fix --data-dir or --split')
-    return dataset
-
-
-def _class_names(dataset) -> Optional[List[str]]:
-    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
-    if class_to_idx:
-        return [name for name, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
-    classes = getattr(dataset, 'classes', None)
-    return [str(c) for c in classes] if classes else None
+    return create_split(data.name, data.root, split, input_img_mode, class_map=data.class_map, shown=data.shown)
 
 
 def _dataset_classes(dataset) -> Optional[int]:
@@ -278,31 +264,8 @@ def _dataset_classes(dataset) -> Optional[int]:
     return len(names) if names else None
 
 
-class _FixedSubset(torch.utils.data.Subset):
-    """A fixed subset of a timm dataset; `transform` is the parent's, so timm's create_loader sets it."""
-
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value):
-        self.dataset.transform = value
-
-
-def fixed_subset(size: int, count: int, seed: int) -> List[int]:
-    """`count` distinct indices of a dataset of `size`, a fixed random draw in increasing order (all of them when
-    count >= size): every class represented (image folders are sorted by class), the same images for every source."""
-    g = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(size, generator=g)[:min(count, size)].tolist())
-
-
 def _loader(dataset, data_config: Mapping[str, Any], data: DataSpec, device: torch.device, distributed: bool = False):
-    return create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=data.batch_size, is_training=False,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode', 'center'),
-        num_workers=data.workers, distributed=distributed, device=device, persistent_workers=data.workers > 0)
+    return eval_loader(dataset, data_config, data.batch_size, data.workers, device, distributed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,23 +282,21 @@ def _load_models(sources: List[Source], args, num_classes: Optional[int]) -> Non
                 if not args.model:
                     _fail(f'SOURCE {s.spec!r} is a checkpoint file; name its architecture with --model NAME')
                 s.checkpoint, s.model_name = s.spec, args.model
-                state = checkpoint_weights(read_checkpoint(s.spec), s.spec, args.ema)
+                state = load_weights(s.spec, args.ema)
                 s.model = build_model({'model': args.model}, num_classes=num_classes, state_dict=state)
             else:  # a published model: timm resolves local-dir:, hf-hub: and pretrained tags itself
                 s.model_name = s.spec
                 s.model = timm.create_model(s.spec, pretrained=True)
-        except AnalyzeError:
-            raise
-        except RunFolderError as e:
-            _fail(f'{s.label}: {e}')
+        except AnalyzeError as e:
+            _fail(f'{s.label}: {e}' if s.run is not None else str(e))
         except Exception as e:  # timm / the hub: unknown model, missing files, no pretrained weights, no network
             _fail(f'cannot load the model {s.spec!r} ({_first_line(e)[:300]}); check the name, path or hub id')
         s.model.eval()
         run_args = dict(s.run.args) if s.run is not None else {}
         # a run is evaluated with the preprocessing its training evaluated with (train.py resolves without the
         # test size); any other model as timm's validate.py resolves it from its pretrained_cfg
-        s.data_config = resolve_data_config(run_args, model=s.model, use_test_size=s.run is None)
-        s.input_img_mode = run_args.get('input_img_mode') or ('RGB' if s.data_config['input_size'][0] == 3 else 'L')
+        s.data_config = _resolve_data_config(run_args, s.model, use_test_size=s.run is None)
+        s.input_img_mode = image_mode(run_args.get('input_img_mode'), s.data_config)
 
 
 def _num_outputs(model: nn.Module) -> Optional[int]:
@@ -469,25 +430,6 @@ def _check_calibration_split(data: DataSpec, img_mode: str, eval_dataset) -> int
     return len(train)
 
 
-# create_loader's training-augmentation arguments and the train.py options (args.yaml keys) that set them
-_TRAIN_AUGMENTATION = dict(
-    no_aug='no_aug', re_prob='reprob', re_mode='remode', re_count='recount', re_split='resplit',
-    train_crop_mode='train_crop_mode', scale='scale', ratio='ratio', hflip='hflip', vflip='vflip',
-    color_jitter='color_jitter', color_jitter_prob='color_jitter_prob', grayscale_prob='grayscale_prob',
-    gaussian_blur_prob='gaussian_blur_prob', auto_augment='aa')
-
-
-def _train_augmentation(source: Source) -> Dict[str, Any]:
-    """The training augmentation of a run (from its args.yaml, as train.py builds its loader; mixup/cutmix are
-    batch-level and not applied); timm's defaults for a model without a run."""
-    run_args = source.run.args if source.run is not None else {}
-    kwargs = {k: run_args[key] for k, key in _TRAIN_AUGMENTATION.items() if run_args.get(key) is not None}
-    interpolation = run_args.get('train_interpolation')
-    kwargs['interpolation'] = source.data_config['interpolation'] if run_args.get('no_aug') or not interpolation \
-        else interpolation
-    return kwargs
-
-
 def _loaders(source: Source, data: DataSpec, args, device, need_calibration: bool):
     """The evaluation loader (all of --split, or the fixed --max-samples subset) and, for recalibration, the
     loader of the fixed --calib-images subset of --train-split under the run's training augmentation."""
@@ -497,12 +439,9 @@ def _loaders(source: Source, data: DataSpec, args, device, need_calibration: boo
     calib_loader = None
     if need_calibration:
         train = _create_dataset(data, data.train_split, source.input_img_mode)
-        subset = _FixedSubset(train, fixed_subset(len(train), args.calib_images, args.seed))
-        config = source.data_config
-        calib_loader = create_loader(
-            subset, input_size=config['input_size'], batch_size=min(data.batch_size, len(subset)), is_training=True,
-            mean=config['mean'], std=config['std'], num_workers=data.workers, device=device,
-            persistent_workers=data.workers > 0, **_train_augmentation(source))
+        calib_loader = calibration_loader(train, source.run.args if source.run is not None else {},
+                                          source.data_config, args.calib_images, args.seed, data.batch_size,
+                                          data.workers, device)
     return _loader(dataset, source.data_config, data, device), calib_loader
 
 
@@ -706,7 +645,7 @@ def format_table(analysis: Mapping[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    utils.setup_default_logging()
+    setup_logging()
     try:
         analyze(args, argv)
     except AnalyzeError as e:

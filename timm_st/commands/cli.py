@@ -1,9 +1,11 @@
 """The `timm-st` command: `timm-st train ...` (`python -m timm_st train ...` under torchrun), `timm-st publish ...`,
-`timm-st analyze ...`."""
+`timm-st analyze ...`; each command is a parser and a `main` over the run layer (`timm_st.runs`)."""
 import sys
 from typing import Optional, Sequence
 
-__all__ = ['main']
+from ..runs.errors import INTERRUPTED, RunError
+
+__all__ = ['main', 'report']
 
 _USAGE = """usage: timm-st COMMAND [options]
 
@@ -13,6 +15,13 @@ commands:
   analyze   measure loafing: evaluate every sub-network of trained runs or timm models (BN modes, lesions, plots)
 
 Run `timm-st COMMAND --help` for the options of a command."""
+
+
+def report(command: str, error: RunError) -> int:
+    """Print a refusal or a stop as one line on stderr (`timm-st CMD: error: ...`); returns its exit code."""
+    kind = '' if error.exit_code == INTERRUPTED else 'error: '
+    print(f'timm-st {command}: {kind}{error}', file=sys.stderr, flush=True)
+    return error.exit_code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -30,20 +30,20 @@ import torch
 import yaml
 
 import timm
-from timm.data import resolve_data_config
 from timm.models import save_for_hf
 from timm.models._hub import generate_readme
 
 from .. import __version__
 from ..method.config import describe_method
-from .run_folder import (CHECKPOINT_FILES, TIMM_ST_TRAIN, RunFolderError, build_model, checkpoint_weights,
-                         read_run)
+from ..runs.build import build_model
+from ..runs.checkpoints import load_weights
+from ..runs.data import data_config as _resolve_data_config
+from ..runs.errors import RunError as PublishError
+from ..runs.folder import CHECKPOINT_FILES, TIMM_ST_TRAIN, read_run
+from ..runs.options import LOCAL_KEYS as _LOCAL_KEYS
 
 __all__ = ['PublishError', 'export_checkpoint', 'publish', 'main', 'CHECKPOINT_FILES', 'CITATIONS']
 
-# keys of args.yaml that describe this machine or this run's files, not the training recipe
-_LOCAL_KEYS = ('data_dir', 'output', 'experiment', 'resume', 'overwrite', 'device', 'device_modules', 'config',
-               'log_wandb', 'wandb_project', 'wandb_tags')
 # pretrained_cfg fields inherited from the architecture's default (e.g. resnet18.a1_in1k) that would
 # describe someone else's weights
 _FOREIGN_CFG_KEYS = ('tag', 'origin_url', 'paper_ids', 'paper_name', 'notes', 'description', 'hf_hub_id',
@@ -80,10 +80,6 @@ CITATIONS = (
 )
 
 
-class PublishError(RuntimeError):
-    """A publish that cannot be done; the message says why and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------
 # the run folder and the checkpoint chosen for publishing
 
@@ -91,17 +87,14 @@ class TrainingRun:
     """A run folder (read by `run_folder.read_run`) with one checkpoint chosen for publishing."""
 
     def __init__(self, output_dir: Union[str, Path], checkpoint: str = 'best', ema: bool = False):
-        try:
-            self.folder = read_run(output_dir)
-            if self.folder.written_by == TIMM_ST_TRAIN and self.folder.results is None:
-                raise PublishError(f'no results file {str(self.folder.path / "results.json")!r}: `timm-st train` '
-                                   f'writes results.json when the run finishes; finish (or resume) the run before '
-                                   f'publishing it')
-            self.checkpoint_path = self.folder.checkpoint_path(checkpoint)
-            self.checkpoint = self.folder.read_checkpoint(checkpoint)
-            self.state_dict = checkpoint_weights(self.checkpoint, self.checkpoint_path, ema)
-        except RunFolderError as e:
-            raise PublishError(str(e)) from None
+        self.folder = read_run(output_dir)
+        if self.folder.written_by == TIMM_ST_TRAIN and self.folder.results is None:
+            raise PublishError(f'no results file {str(self.folder.path / "results.json")!r}: `timm-st train` '
+                               f'writes results.json when the run finishes; finish (or resume) the run before '
+                               f'publishing it')
+        self.checkpoint_path = self.folder.checkpoint_path(checkpoint)
+        self.checkpoint = self.folder.read_checkpoint(checkpoint)
+        self.state_dict = load_weights(self.checkpoint_path, ema, self.checkpoint)
         self.output_dir = self.folder.path
         self.checkpoint_name = checkpoint
         self.ema = ema
@@ -165,16 +158,12 @@ def _create_model(run: TrainingRun) -> torch.nn.Module:
     """The architecture as the run built it (the shared `build_model`), with the chosen weights."""
     try:
         return build_model(run.args, num_classes=run.num_classes, state_dict=run.state_dict).eval()
-    except RunFolderError as e:
+    except PublishError as e:
         raise PublishError(f'{e} (checkpoint {str(run.checkpoint_path)!r})') from None
 
 def _data_config(run: TrainingRun, model: torch.nn.Module) -> Dict[str, Any]:
     """The evaluation preprocessing of the run (as train.py resolved it; size and crop as results.json records)."""
-    args = dict(run.args)
-    for key in ('input_size', 'mean', 'std'):
-        if isinstance(args.get(key), list):
-            args[key] = tuple(args[key])
-    config = resolve_data_config(args, model=model)
+    config = _resolve_data_config(run.args, model)
     if run.results.get('eval_input_size'):
         config['input_size'] = tuple(run.results['eval_input_size'])
     if run.results.get('eval_crop_pct') is not None:
@@ -207,7 +196,7 @@ def _dataset(run: TrainingRun, dataset_id: Optional[str]):
 
 def _recipe(run: TrainingRun) -> Dict[str, Any]:
     """The run's resolved arguments as a recipe for `timm-st train -c` (machine-local keys left out)."""
-    from .recipe import build_parser
+    from ..runs.options import build_parser
     options = set(vars(build_parser().parse_args([])))
     recipe = {}
     for key, value in run.args.items():
@@ -594,7 +583,8 @@ def _hub_error(action: str, e: Exception) -> PublishError:
         hint = '; check that your token is valid and has write access to that namespace'
     elif status is None:
         hint = '; check your network connection (nothing was published)'
-    return PublishError(f'could not {action} on the Hugging Face hub ({type(e).__name__}: {first}){hint}')
+    return PublishError(f'could not {action} on the Hugging Face hub ({type(e).__name__}: {first}){hint}',
+                        exit_code=1)  # the hub failed, not the input
 
 
 def publish(output_dir: Union[str, Path], repo_id: str, ema: bool = False, checkpoint: str = 'best',
@@ -691,5 +681,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"Load it with timm.create_model('hf-hub:{args.repo_id}', pretrained=True)", flush=True)
     except PublishError as e:
         print(f'timm-st publish: error: {e}', file=sys.stderr)
-        return 1
+        return e.exit_code
     return 0

@@ -1,30 +1,39 @@
-"""Run folders: the one reader and writer of what a training run leaves on disk.
+"""Run folders: the format of what a training run leaves on disk, and the policy of using one.
 
-A run folder holds
+A run folder (OUTPUT/EXPERIMENT) holds
   args.yaml            the run's resolved arguments (timm-st train's, or timm train.py's own)
   summary.csv          one row per epoch, one header; validation columns empty on epochs without validation
-  last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar
+  last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar, milestone-N.pth.tar
                        checkpoints as timm's CheckpointSaver writes them (with the task state)
   results.json         final results (timm-st train only, written when the run finishes)
-`timm-st train` writes it through the functions here; `publish`, `analyze` and resume read it with
-`read_run`. A folder written by timm's train.py (through the hook) is read the same way; what it
-lacks (results.json, the sub-network loss column) is reported as absent, not guessed.
+`read_run` reads one written by `timm-st train` or by timm's train.py (what the latter lacks is reported
+as absent, not guessed); the writers are used by the runner.
+
+The policy, shared by the runner and the hook for timm's train.py: a folder holding a run is used only
+to continue it in place (a checkpoint inside it, `folder_mode`) or with an explicit overwrite; a run
+continued in place first rewinds what the epochs being redone wrote (`rewind`) and restores the
+checkpoint saver's history (`restore_saver`); `resume_command` is the command line that continues it.
 """
 import argparse
 import csv
 import json
 import math
 import os
+import shlex
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import yaml
 
-__all__ = ['RunFolderError', 'RunFolder', 'read_run', 'holds_run', 'build_model', 'read_checkpoint',
-           'CHECKPOINT_FILES', 'RUN_FILES', 'WRITTEN_BY_KEY', 'write_args', 'write_summary_row', 'truncate_summary',
-           'write_results', 'clear_run', 'run_folder_path', 'resumes_in_place']
+from .checkpoints import load_weights, read_checkpoint
+from .errors import RunError
+
+__all__ = ['RunFolder', 'read_run', 'holds_run', 'run_folder_path', 'resumes_in_place', 'CHECKPOINT_FILES',
+           'RUN_FILES', 'WRITTEN_BY_KEY', 'TIMM_ST_TRAIN', 'TRAIN_PY', 'write_args', 'write_summary_row',
+           'truncate_summary', 'write_results', 'clear_run', 'auto_resume_path', 'folder_mode', 'restore_saver',
+           'rewind', 'resume_command', 'checkpoint_text']
 
 PathLike = Union[str, Path]
 
@@ -37,28 +46,6 @@ RUN_PATTERNS = ('checkpoint-*.pth.tar', 'milestone-*.pth.tar', 'recovery-*.pth.t
 WRITTEN_BY_KEY = 'written_by'
 TIMM_ST_TRAIN = 'timm-st train'
 TRAIN_PY = 'train.py'
-
-
-class RunFolderError(ValueError):
-    """A run folder (or one of its files) that cannot be used; the message names the problem and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
-def read_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint dictionary safely (`weights_only`); a ValueError says why it cannot be used."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a truncated, foreign or garbage file
-        first = (str(e).strip().splitlines() or [''])[0][:200]
-        raise RunFolderError(f'checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {first}); '
-                             f'it is corrupt or not a PyTorch checkpoint') from None
-    if not isinstance(checkpoint, dict):
-        raise RunFolderError(f'checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint '
-                             f'dictionary')
-    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +90,7 @@ def _read_summary(path: Path) -> List[Dict[str, Optional[float]]]:
         return []
     header = rows[0]
     if 'epoch' not in header:
-        raise RunFolderError(f'{str(path)!r} has no header line with an "epoch" column (written by an old timm-st '
+        raise RunError(f'{str(path)!r} has no header line with an "epoch" column (written by an old timm-st '
                              f'train that dropped it?); add the header line or remove the file')
     out = []
     for row in rows[1:]:
@@ -119,10 +106,10 @@ class RunFolder:
     def __init__(self, path: PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise RunFolderError(f'run folder {str(self.path)!r} does not exist; pass the output folder of a training '
+            raise RunError(f'run folder {str(self.path)!r} does not exist; pass the output folder of a training '
                                  f'run (the one holding args.yaml, summary.csv and the checkpoints)')
         if not holds_run(self.path):
-            raise RunFolderError(f'{str(self.path)!r} holds no training run (no args.yaml, summary.csv or '
+            raise RunError(f'{str(self.path)!r} holds no training run (no args.yaml, summary.csv or '
                                  f'checkpoints); pass the output folder of a run (OUTPUT/EXPERIMENT)')
         self.args: Dict[str, Any] = self._read_args()
         self.summary = _read_summary(self.path / 'summary.csv')
@@ -135,16 +122,16 @@ class RunFolder:
             try:
                 args = yaml.safe_load(path.read_text())
             except yaml.YAMLError as e:
-                raise RunFolderError(f'{str(path)!r} is not valid YAML ({str(e).splitlines()[0]}); it is corrupt')
+                raise RunError(f'{str(path)!r} is not valid YAML ({str(e).splitlines()[0]}); it is corrupt')
             if isinstance(args, dict):
                 return args
-            raise RunFolderError(f'{str(path)!r} is not a mapping of training arguments; it is corrupt')
+            raise RunError(f'{str(path)!r} is not a mapping of training arguments; it is corrupt')
         for name in ('last.pth.tar', 'model_best.pth.tar'):  # args.yaml lost: the saver keeps args in checkpoints
             if (self.path / name).is_file():
                 saved = read_checkpoint(self.path / name).get('args')
                 if isinstance(saved, argparse.Namespace):
                     return vars(saved)
-        raise RunFolderError(f'no training arguments: {str(path)!r} is missing and no checkpoint holds them; the '
+        raise RunError(f'no training arguments: {str(path)!r} is missing and no checkpoint holds them; the '
                              f'model of this run cannot be rebuilt')
 
     def _read_results(self) -> Optional[Dict[str, Any]]:
@@ -154,9 +141,9 @@ class RunFolder:
         try:
             results = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise RunFolderError(f'results file {str(path)!r} is not valid JSON ({e}); it is corrupt') from None
+            raise RunError(f'results file {str(path)!r} is not valid JSON ({e}); it is corrupt') from None
         if not isinstance(results, dict) or 'model' not in results:
-            raise RunFolderError(f'results file {str(path)!r} is not a timm-st results.json (no "model" entry)')
+            raise RunError(f'results file {str(path)!r} is not a timm-st results.json (no "model" entry)')
         return results
 
     # summary.csv
@@ -200,92 +187,29 @@ class RunFolder:
         found = sorted(p.name for p in self.path.glob('*.pth.tar'))
         hint = (f'checkpoints there: {found}; choose one of them (best, last or a file name)' if found else
                 'the folder holds no checkpoint (*.pth.tar); was the run stopped before its first evaluation?')
-        raise RunFolderError(f'no checkpoint {str(path)!r} ({which}); {hint}')
+        raise RunError(f'no checkpoint {str(path)!r} ({which}); {hint}')
 
     def read_checkpoint(self, which: str = 'best') -> Dict[str, Any]:
         path = self.checkpoint_path(which)
         checkpoint = read_checkpoint(path)
         if not isinstance(checkpoint.get('state_dict'), dict):
-            raise RunFolderError(f'checkpoint {str(path)!r} holds no model weights ("state_dict"); it is not a '
+            raise RunError(f'checkpoint {str(path)!r} holds no model weights ("state_dict"); it is not a '
                                  f'training checkpoint of timm')
         return checkpoint
 
     def load_state_dict(self, which: str = 'best', ema: bool = False) -> Dict[str, torch.Tensor]:
         """Cleaned weights (no DDP/compile prefixes) of a checkpoint; refuses missing EMA weights and NaN/inf."""
-        return checkpoint_weights(self.read_checkpoint(which), self.checkpoint_path(which), ema)
+        return load_weights(self.checkpoint_path(which), ema, self.read_checkpoint(which) if ema else None)
 
     def build_model(self, which: str = 'best', ema: bool = False) -> torch.nn.Module:
         """The run's architecture with a checkpoint's weights, in eval mode."""
+        from .build import build_model
         return build_model(self.args, state_dict=self.load_state_dict(which, ema)).eval()
-
-
-def checkpoint_weights(checkpoint: Mapping[str, Any], path: PathLike, ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The plain or EMA weights of a loaded checkpoint, cleaned, checked finite."""
-    from timm.models import clean_state_dict
-    key = 'state_dict_ema' if ema else 'state_dict'
-    state_dict = checkpoint.get(key)
-    if not isinstance(state_dict, dict) or not state_dict:
-        if ema:
-            raise RunFolderError(f'checkpoint {str(path)!r} holds no EMA weights (train with --model-ema / '
-                                 f'`model_ema: true` to keep them); use the plain weights')
-        raise RunFolderError(f'checkpoint {str(path)!r} holds no model weights')
-    state_dict = clean_state_dict(state_dict)
-    for name, tensor in state_dict.items():
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise RunFolderError(f'checkpoint {str(path)!r}: weight {name!r} holds NaN or inf (the run diverged?); '
-                                 f'use an earlier checkpoint')
-    return state_dict
 
 
 def read_run(path: PathLike) -> RunFolder:
     """Read a run folder written by `timm-st train` or by timm's train.py."""
     return RunFolder(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# the model of a run
-
-def _in_chans(args: Mapping[str, Any]) -> Optional[int]:
-    """As timm's train.py: --in-chans, else the channels of --input-size, else the model's default."""
-    if args.get('in_chans') is not None:
-        return args['in_chans']
-    if args.get('input_size'):
-        return args['input_size'][0]
-    return None
-
-
-def build_model(args: Union[Mapping[str, Any], argparse.Namespace], *, num_classes: Optional[int] = None,
-                pretrained: bool = False, state_dict: Optional[Mapping[str, torch.Tensor]] = None,
-                checkpoint_path: str = '') -> torch.nn.Module:
-    """The architecture exactly as the run built it: `timm.create_model` with the run's model arguments.
-
-    Used by `timm-st train` (with `pretrained` / `checkpoint_path` from its options) and by everything that
-    rebuilds a run's model (publish, analyze); `state_dict` is then loaded strictly.
-    """
-    import timm
-    a = vars(args) if isinstance(args, argparse.Namespace) else args
-    name = a.get('model')
-    if not name or not timm.is_model(name):
-        raise RunFolderError(f'model {name!r} of this run is not a timm model in this environment (models of '
-                             f'timm-st need `import timm_st`; others a newer timm)')
-    num_classes = num_classes if num_classes is not None else a.get('num_classes')
-    try:
-        model = timm.create_model(
-            name, pretrained=pretrained, in_chans=_in_chans(a), num_classes=num_classes,
-            drop_rate=a.get('drop') or 0.0, drop_path_rate=a.get('drop_path'), drop_block_rate=a.get('drop_block'),
-            global_pool=a.get('gp'), bn_momentum=a.get('bn_momentum'), bn_eps=a.get('bn_eps'),
-            checkpoint_path=checkpoint_path or None, **(a.get('model_kwargs') or {}))
-    except Exception as e:
-        raise RunFolderError(f'cannot build {name!r} with the run\'s arguments ({type(e).__name__}: '
-                             f'{str(e).splitlines()[0] if str(e) else e}); check model_kwargs / num_classes') from None
-    if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise RunFolderError(f'the weights do not fit {name!r} built with the run\'s arguments: '
-                                 f'{str(e).splitlines()[0][:300]}...; they belong to another architecture or '
-                                 f'class count') from None
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,3 +311,122 @@ def clear_run(folder: PathLike) -> List[str]:
     for name in names:
         (folder / name).unlink()
     return names
+
+
+# ---------------------------------------------------------------------------------------------
+# policy: fresh, continued in place, or overwritten
+
+def auto_resume_path(output: Optional[str], experiment: Optional[str]) -> str:
+    """`--resume auto`: the run folder's last.pth.tar, or '' (a fresh run) when it holds no checkpoint yet."""
+    folder = run_folder_path(output, experiment)
+    if folder is None:
+        raise RunError('--resume auto continues OUTPUT/EXPERIMENT in place: give the run a name with --experiment NAME')
+    last = folder / 'last.pth.tar'
+    return str(last) if last.is_file() else ''
+
+
+def folder_mode(folder: Path, resume: Optional[str], overwrite: bool = False, resume_auto: bool = False,
+                runner: str = TIMM_ST_TRAIN) -> str:
+    """How a run may use `folder`: 'fresh', 'resume' (continue in place) or 'overwrite'; refuses the rest.
+
+    Runs are never overwritten by accident: a folder that holds a run is used only to continue it (a checkpoint
+    inside it) or with the explicit `overwrite` option (timm-st train only; timm's train.py has none).
+    """
+    if not holds_run(folder):
+        return 'fresh'
+    inside = resumes_in_place(folder, resume)
+    if inside and overwrite:
+        raise RunError(f'--overwrite would delete {resume!r}, the checkpoint this run resumes from; drop --overwrite '
+                       f'to continue the run in place, or resume into another --experiment')
+    if inside:
+        return 'resume'
+    if overwrite:
+        return 'overwrite'
+    if resume_auto and not (folder / 'summary.csv').exists() and not any(folder.glob('*.pth.tar')):
+        return 'fresh'  # a run stopped before its first checkpoint: nothing to resume, start it again
+    last = folder / 'last.pth.tar'
+    if runner != TIMM_ST_TRAIN:
+        raise RunError(f'output folder {str(folder)!r} already holds a run, and train.py would overwrite its '
+                       f'checkpoints and args.yaml; continue it with --resume {last}, choose another --experiment, '
+                       f'or delete the folder')
+    found = sorted(n for n in os.listdir(folder) if n in RUN_FILES or n.endswith('.pth.tar'))
+    how = f'continue it with --resume {last} (or --resume auto), ' if last.is_file() else ''
+    raise RunError(f'run folder {str(folder)!r} already holds a run ({", ".join(found[:6])}); {how}pass --overwrite '
+                   f'to replace it, or choose another --experiment')
+
+
+def restore_saver(saver, folder: Path, resume_path: str, start_epoch: int) -> None:
+    """Continue the checkpoint bookkeeping of a run resumed in place (ranked checkpoint-N history, best metric),
+    so checkpoint_hist and model_best hold over the whole run."""
+    if hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.31 keeps it in each checkpoint
+        saver.load_state_dict_from_checkpoint(resume_path)
+        return
+    # older timm: rebuild it from the kept checkpoints of earlier epochs (each records its epoch and metric)
+    kept = []
+    for path in folder.glob('checkpoint-*.pth.tar'):
+        checkpoint = read_checkpoint(path)
+        if checkpoint.get('epoch', start_epoch) < start_epoch and checkpoint.get('metric') is not None:
+            kept.append((str(path), checkpoint['metric'], checkpoint['epoch']))
+    kept.sort(key=lambda c: c[1], reverse=not saver.decreasing)
+    saver.checkpoint_files = [(path, metric) for path, metric, _ in kept]
+    if kept:
+        saver.best_metric, saver.best_epoch = kept[0][1], kept[0][2]
+
+
+def _numbered(folder: Path, prefix: str):
+    """(N, path) of the files PREFIX-N.pth.tar in `folder`."""
+    for path in folder.glob(f'{prefix}-*.pth.tar'):
+        number = path.name[len(prefix) + 1:-len('.pth.tar')]
+        if number.isdigit():
+            yield int(number), path
+
+
+def rewind(folder: Path, start_epoch: int, best_epoch: Optional[int]) -> None:
+    """Before continuing a run in place from epoch `start_epoch`: remove what the epochs being redone wrote
+    (their summary rows and checkpoints, a best checkpoint from them, and results.json: the run is no longer
+    finished), so that an interrupted continuation leaves a consistent folder."""
+    truncate_summary(folder, start_epoch)
+    for epoch, path in _numbered(folder, 'checkpoint'):
+        if epoch >= start_epoch:
+            path.unlink()
+    for done, path in _numbered(folder, 'milestone'):
+        if done > start_epoch:
+            path.unlink()
+    best = folder / 'model_best.pth.tar'
+    if best.is_file() and read_checkpoint(best).get('epoch', -1) >= start_epoch:
+        kept = folder / f'checkpoint-{best_epoch}.pth.tar' if best_epoch is not None else None
+        best.unlink()
+        if kept is not None and kept.is_file():
+            os.link(kept, best)
+    if (folder / 'results.json').exists():
+        (folder / 'results.json').unlink()
+
+
+def resume_command(folder: Path, argv: Sequence[str]) -> str:
+    """The `timm-st train` command line that continues this run in place: the given one without the options that
+    name the run's files (options table scope 'run'), which it sets itself."""
+    from .options import RUN_SCOPED, takes_value
+    drop = {'--' + name.replace('_', '-'): name for name in RUN_SCOPED}
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = takes_value(drop[a])
+            continue
+        if a.split('=')[0] in drop:
+            continue
+        kept.append(a)
+    if kept and kept[0] == 'train':
+        kept = kept[1:]
+    return shlex.join(['timm-st', 'train', *kept, '--output', str(folder.parent), '--experiment', folder.name,
+                       '--resume', 'auto'])
+
+
+def checkpoint_text(folder: Optional[Path], saved_epoch: Optional[int]) -> str:
+    """Where the run can be continued from, for the messages of a stopped run."""
+    last = folder / 'last.pth.tar' if folder is not None else None
+    if last is None or not last.is_file():
+        return 'no checkpoint was written yet'
+    return f'last checkpoint: {last}' + (f' (end of epoch {saved_epoch})' if saved_epoch is not None else '')

@@ -1,0 +1,383 @@
+"""Stimulative training inside timm's own, unmodified `train.py` (the no-patch route): the logic behind
+`timm_st.commands.hook`, the module a recipe lists in timm's `device_modules` key::
+
+    device_modules: [timm_st.commands.hook]
+    stimulative: {num_subnets: 1, ...}
+
+timm's `train.py` imports the `device_modules` at the start of `main()`, right after parsing the
+recipe and the command line. Importing `timm_st.commands.hook` then calls `activate()`, which
+
+* finds `main()`'s parsed `args` (timm's `_parse_args` passes every recipe key to
+  `parser.set_defaults`, so the unknown key `stimulative` lands on `args`; command-line overrides
+  are already applied);
+* validates the whole run before any work (`validate_run`): every recipe key against this train.py's
+  own argument parser (a key it would silently ignore is refused, e.g. `train_img_sizes` on v1.0.27
+  or a misspelled `weight_decy`), the values, then `validation.check_run` (ranges, device, data
+  splits, checkpoints, optimizer and scheduler names, option combinations) and the run-folder policy
+  (`--experiment` must not name a folder holding another run). `dataset: digits` (the demo) is
+  written as an image folder and `data_dir` pointed at it;
+* if `args.stimulative` is set: puts a factory building `StimulativeTask` in place of train.py's
+  global `ClassificationTask`, wraps `train_one_epoch` to call the task's `set_epoch`, and wraps
+  `validate` to call its `before_validate` (BatchNorm re-estimation on the training loader).
+
+Recipes without `stimulative:` run exactly as plain timm. Imported by anything that is not timm's
+`train.py`, the module does nothing. A `train.py` without the structure relied on (see `SUPPORTED`)
+stops the run with a message pointing to the patch in `patches/`, whose `--task` option uses
+`create_task` here as its factory: `--task timm_st.commands.hook:create_task`.
+"""
+import argparse
+import functools
+import importlib
+import inspect
+import logging
+import os
+import sys
+import types
+from typing import Any, Callable, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import timm_st  # noqa: F401  (registers timm-st's models with timm)
+from timm.task import ClassificationTask
+
+from ..method.config import StimulativeConfig
+from .build import build_task
+from .data import dataset_location
+from .errors import RunError
+from .folder import folder_mode, run_folder_path
+from .options import option_names
+from .recipe import TASK_FACTORIES, check_keys, check_values, load_recipe, stimulative_config
+from .validation import check_combinations, check_run
+
+__all__ = [
+    'SUPPORTED', 'UnsupportedTrainScript', 'HookState',
+    'create_task', 'install', 'activate', 'validate_run', 'check_train_script', 'is_timm_train_script',
+    'find_main_args',
+]
+
+_logger = logging.getLogger(__name__)
+
+SUPPORTED = ("timm's train.py of releases v1.0.23 to v1.0.28 and of the main branch up to commit "
+             "aa4b5850c1543fa488abf260f18390eda46cf85d (v1.0.28-14-gaa4b5850)")
+_PATCH_HINT = ("Use a supported train.py, run the recipe with `timm-st train`, or patch your train.py with "
+               "timm-st's patches/apply.sh (patches/train_task_option.patch adds a generic --task option) and "
+               "run it with --task timm_st.commands.hook:create_task")
+FACTORY_PATH = TASK_FACTORIES[0]
+
+# what the hook needs of train.py: leading parameters of the two functions it wraps (and ones it reads)
+_TRAIN_ONE_EPOCH_PARAMS = ('epoch', 'model', 'loader', 'optimizer', 'args', 'task')
+_VALIDATE_PARAMS = ('model', 'loader', 'loss_fn', 'args')
+_VALIDATE_NEEDS = ('amp_autocast',)
+# names main() must look up as globals, so that replacing them takes effect
+_MAIN_GLOBALS = ('ClassificationTask', 'train_one_epoch', 'validate')
+_ARGS_NEEDED = ('epochs',)
+
+
+class UnsupportedTrainScript(RunError):
+    """The running train.py lacks the structure the hook relies on."""
+
+
+def _section(args: Any, task_kwargs: Optional[dict] = None) -> Optional[dict]:
+    section = getattr(args, 'stimulative', None) if args is not None else None
+    if task_kwargs:
+        section = {**(section if isinstance(section, dict) else {}), **task_kwargs}
+    return section
+
+
+def _config(section: dict, args: Any = None) -> StimulativeConfig:
+    """Validate a `stimulative:` section and its fit with the rest of the run's options."""
+    config = stimulative_config(section)
+    if args is not None:
+        check_combinations(args, config)
+    return config
+
+
+def create_task(
+        model: nn.Module,
+        criterion: Optional[Callable] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        verbose: bool = True,
+        args: Optional[argparse.Namespace] = None,
+        **task_kwargs,
+):
+    """Task factory for timm's train.py with the `--task` option (patches/): `--task timm_st.commands.hook:create_task`.
+
+    As `timm-st train`: the stimulative task when the recipe has a `stimulative:` section
+    (`args.stimulative`) or `--task-kwargs` are given (stimulative keys, e.g. `num_subnets=2`,
+    overriding single keys of the section; the coefficient schedules use `args.epochs`), and
+    timm's `ClassificationTask` otherwise, so common-training recipes can name it too.
+    """
+    section = _section(args, task_kwargs)
+    if section is None:
+        return ClassificationTask(model=model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
+    config = _config(section, args)
+    return build_task(model, config, criterion, device, dtype, verbose, getattr(args, 'epochs', None))
+
+
+# --- recognising train.py and its structure -------------------------------------------------
+
+def _from_timm(value: Any) -> bool:
+    name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, '__module__', None)
+    return isinstance(name, str) and name.split('.')[0] == 'timm'
+
+
+def is_timm_train_script(module: Optional[types.ModuleType]) -> bool:
+    """Whether `module` (normally `sys.modules['__main__']`) is a timm `train.py`: a script named
+    train.py that uses timm (and is not one of timm-st's own modules)."""
+    if module is None:
+        return False
+    path = getattr(module, '__file__', None)
+    if not isinstance(path, str) or os.path.basename(path) != 'train.py':
+        return False
+    spec = getattr(module, '__spec__', None)
+    if spec is not None and (spec.name or '').split('.')[0] == 'timm_st':
+        return False
+    return any(_from_timm(v) for v in list(vars(module).values()))
+
+
+def _params(fn: Any) -> Optional[List[str]]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _structure_problems(module: types.ModuleType) -> List[str]:
+    problems = []
+    cls = getattr(module, 'ClassificationTask', None)
+    if not (isinstance(cls, type) and issubclass(cls, ClassificationTask)):
+        problems.append(f"no global ClassificationTask from timm.task (found {cls!r})")
+    for name, leading, needed in (('train_one_epoch', _TRAIN_ONE_EPOCH_PARAMS, ()),
+                                  ('validate', _VALIDATE_PARAMS, _VALIDATE_NEEDS)):
+        params = _params(getattr(module, name, None)) if callable(getattr(module, name, None)) else None
+        if params is None:
+            problems.append(f'no function {name}()')
+        elif tuple(params[:len(leading)]) != leading or any(p not in params for p in needed):
+            problems.append(f'{name}({", ".join(params)}) does not start with ({", ".join(leading)})'
+                            + (f' or lacks {", ".join(needed)}' if needed else ''))
+    main = getattr(module, 'main', None)
+    code = getattr(main, '__code__', None)
+    if code is None:
+        problems.append('no function main()')
+    else:
+        missing = [n for n in _MAIN_GLOBALS if n not in code.co_names]
+        if missing:
+            problems.append(f'main() does not use the global(s) {missing}')
+    return problems
+
+
+def check_train_script(module: types.ModuleType, args: Any = None) -> None:
+    """Raise UnsupportedTrainScript when `module` lacks what the hook relies on (or `args` lacks options it reads)."""
+    problems = _structure_problems(module)
+    if args is not None:
+        missing = [n for n in _ARGS_NEEDED if not hasattr(args, n)]
+        if missing:
+            problems.append(f'its parsed args have no {missing}')
+    if problems:
+        path = getattr(module, '__file__', '?')
+        raise UnsupportedTrainScript(
+            f'timm_st.commands.hook: {path} does not have the structure the hook relies on ({"; ".join(problems)}). '
+            f'The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+
+
+def _has_task_option(module: types.ModuleType) -> bool:
+    """Whether train.py has the generic `--task` option (patches/train_task_option.patch or upstream)."""
+    parser = getattr(module, 'parser', None)
+    return isinstance(parser, argparse.ArgumentParser) and '--task' in getattr(parser, '_option_string_actions', {})
+
+
+def _resolve(path: str) -> Any:
+    module_name, sep, attr = path.partition(':')
+    if not sep:
+        return None
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split('.'):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj
+
+
+def find_main_args(module: types.ModuleType) -> argparse.Namespace:
+    """The `args` local of `module.main()`, found among the frames that are importing this module."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            if frame.f_globals is vars(module) and frame.f_code.co_name == 'main':
+                args = frame.f_locals.get('args')
+                if isinstance(args, argparse.Namespace):
+                    return args
+            frame = frame.f_back
+    finally:
+        del frame
+    raise UnsupportedTrainScript(
+        f'timm_st.commands.hook: imported by {getattr(module, "__file__", "?")} but not from its main() with parsed `args` '
+        f'in scope (timm\'s train.py imports device_modules right after parsing them). The hook supports '
+        f'{SUPPORTED}. {_PATCH_HINT}.')
+
+
+# --- installation ---------------------------------------------------------------------------
+
+class HookState:
+    """What `install` put in place: the config, the task once built, the training loader last seen."""
+
+    def __init__(self, args: argparse.Namespace, config: StimulativeConfig):
+        self.args = args
+        self.config = config
+        self.task: Optional[nn.Module] = None
+        self.train_loader: Optional[Iterable] = None
+        self.originals = {}
+
+
+def _runner(module: types.ModuleType) -> str:
+    return f"timm's train.py ({getattr(module, '__file__', 'train.py')})"
+
+
+def _selects_factory(module: types.ModuleType, args: Any) -> bool:
+    """Whether a train.py with the `--task` option (patches/) builds this module's task itself."""
+    task_path = getattr(args, 'task', None)
+    return bool(task_path) and _has_task_option(module) and _resolve(task_path) is create_task
+
+
+def _check_output_folder(args: Any, runner: str) -> None:
+    """train.py writes into OUTPUT/EXPERIMENT whatever is there: the folder policy of `timm-st train` without
+    --overwrite (a folder holding another run only when the command resumes from a checkpoint inside it)."""
+    folder = run_folder_path(getattr(args, 'output', ''), getattr(args, 'experiment', ''))
+    if folder is not None:
+        folder_mode(folder, getattr(args, 'resume', ''), runner=runner)
+
+
+def _recipe_path(main_module: types.ModuleType, args: Any) -> str:
+    """The recipe train.py read: its `config_parser` takes `-c/--config` from the command line (sys.argv)."""
+    if getattr(args, 'config', None):
+        return args.config
+    config_parser = getattr(main_module, 'config_parser', None)
+    if not isinstance(config_parser, argparse.ArgumentParser):
+        raise UnsupportedTrainScript(
+            f'timm_st.commands.hook: {getattr(main_module, "__file__", "?")} has no global `config_parser` to find '
+            f'the recipe with. The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+    return getattr(config_parser.parse_known_args()[0], 'config', '') or ''
+
+
+def validate_run(main_module: types.ModuleType, args: argparse.Namespace
+                 ) -> Tuple[Optional[dict], Optional[StimulativeConfig]]:
+    """The validation `timm-st train` does, for the run this train.py is about to start -> (section, config).
+
+    Every recipe key (the file of `-c/--config`) must be an option of this train.py's own `parser`, or one of
+    timm-st's keys the hook honours (`stimulative`; `task`/`task_kwargs` naming this module's factory;
+    `eval_subnets: 0`). Sets on `args`: recipe values converted as timm's newest config loader does
+    (numeric strings), and for `dataset: digits` the demo's image folder. Raises RunError.
+    """
+    runner = _runner(main_module)
+    parser = getattr(main_module, 'parser', None)
+    if not isinstance(parser, argparse.ArgumentParser):
+        raise UnsupportedTrainScript(
+            f'timm_st.commands.hook: {getattr(main_module, "__file__", "?")} has no global argument parser `parser` '
+            f'to check the recipe against. The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+    known = {a.dest for a in parser._actions if a.dest != 'help'}
+    path = _recipe_path(main_module, args)
+    recipe = load_recipe(path) if path else {}
+    ours = {'stimulative', 'eval_subnets'}
+    if not _has_task_option(main_module):  # the recipe's line for a patched train.py; the hook does that work here
+        if recipe.get('task', FACTORY_PATH) not in TASK_FACTORIES:
+            raise RunError(f'recipe key task: {recipe["task"]!r}, but this train.py has no --task option '
+                              f'(patches/ adds it); remove the key or name {FACTORY_PATH}')
+        if recipe.get('task_kwargs'):
+            raise RunError('recipe key task_kwargs needs a train.py with --task (patches/); put the settings '
+                              'in the stimulative: section')
+        ours |= {'task', 'task_kwargs'}
+    if recipe.get('eval_subnets'):
+        raise RunError(
+            f'recipe key eval_subnets: {recipe["eval_subnets"]!r} is the end-of-run sub-network evaluation of '
+            f'timm-st train, which {runner} does not do; remove the key and evaluate the run folder afterwards '
+            f'with `timm-st analyze OUTPUT/EXPERIMENT --data-dir ...`, or run the recipe with timm-st train')
+    check_keys([k for k in recipe if k not in ours], known, runner, timm_st_train_keys=option_names())
+    for name, value in check_values(recipe, parser).items():
+        if getattr(args, name, None) == recipe[name]:  # still the recipe's value (not overridden on the command line)
+            setattr(args, name, value)
+    if getattr(args, 'dataset', '') == 'digits':
+        args.dataset, args.data_dir = dataset_location('digits', getattr(args, 'data_dir', None))
+    task_kwargs = getattr(args, 'task_kwargs', None) if _selects_factory(main_module, args) else None
+    section = _section(args, task_kwargs)
+    config = stimulative_config(section)
+    check_run(args, config, runner)
+    _check_output_folder(args, runner)
+    return section, config
+
+
+def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional[HookState]:
+    """Validate the run and put stimulative training in place in a timm train.py module namespace.
+
+    Returns None (and changes nothing but `args`, see `validate_run`) when `args` has no
+    `stimulative` section, or when the script has the generic `--task` option and `args.task`
+    selects this module's factory. Raises RunError for a run that cannot start and
+    UnsupportedTrainScript for a train.py without the structure the hook relies on.
+    """
+    existing = getattr(main_module.__dict__.get('ClassificationTask'), '_timm_st_state', None)
+    if existing is not None:
+        return existing
+    task_path = getattr(args, 'task', None)
+    patched = bool(task_path) and _has_task_option(main_module)
+    if patched and _section(args) is not None and _resolve(task_path) is not create_task:
+        raise RunError(f'the recipe has a stimulative: section but --task {task_path!r} selects another task; '
+                          f'use --task {FACTORY_PATH} (or remove the stimulative: section)')
+    if _section(args) is not None and not patched:
+        check_train_script(main_module, args)
+    section, config = validate_run(main_module, args)
+    if section is None or patched:
+        return None  # plain timm, or the patched train.py builds the task and calls its callbacks itself
+    state = HookState(args, config)
+    ns = vars(main_module)
+
+    def task_factory(model, criterion=None, device=None, dtype=None, verbose=True):
+        """Stands in for ClassificationTask in train.py: builds the stimulative task instead."""
+        state.task = build_task(model, config, criterion, device, dtype, verbose, args.epochs)
+        return state.task
+
+    task_factory._timm_st_state = state
+
+    original_train = ns['train_one_epoch']
+    train_sig = inspect.signature(original_train)
+
+    @functools.wraps(original_train)
+    def train_one_epoch(*a, **kw):
+        bound = train_sig.bind(*a, **kw).arguments
+        task = bound.get('task')
+        if hasattr(task, 'set_epoch'):
+            task.set_epoch(bound['epoch'])
+        state.train_loader = bound['loader']
+        return original_train(*a, **kw)
+
+    original_validate = ns['validate']
+    validate_sig = inspect.signature(original_validate)
+
+    @functools.wraps(original_validate)
+    def validate(*a, **kw):
+        task = state.task
+        if task is not None and state.train_loader is not None:
+            bound = validate_sig.bind(*a, **kw)
+            bound.apply_defaults()
+            task.before_validate(state.train_loader, amp_autocast=bound.arguments['amp_autocast'])
+        return original_validate(*a, **kw)
+
+    state.originals = {n: ns[n] for n in _MAIN_GLOBALS}
+    ns['ClassificationTask'] = task_factory
+    ns['train_one_epoch'] = train_one_epoch
+    ns['validate'] = validate
+    if os.environ.get('RANK', '0') == '0':
+        _logger.info(f'timm_st.commands.hook: stimulative training in {getattr(main_module, "__file__", "train.py")} '
+                     f'({config.num_subnets} sub-network(s) per step, loss {config.loss}, '
+                     f'recalibrate_bn {config.recalibrate_bn})')
+    return state
+
+
+def activate(main_module: Optional[types.ModuleType] = None) -> Optional[HookState]:
+    """What importing `timm_st.commands.hook` does: validate the run and install into `__main__` when it is timm's
+    train.py (None otherwise). Raises RunError for a run that cannot start."""
+    main_module = sys.modules.get('__main__') if main_module is None else main_module
+    if not is_timm_train_script(main_module):
+        return None
+    return install(main_module, find_main_args(main_module))
