@@ -22,6 +22,7 @@ from conftest import (
     PLANS, FixedSampler, assert_grads_close, assert_nontrivial_grads, assert_subnets_differ, batch, clone, grads,
 )
 from st_reference import reference_step
+from test_batchnorm import norms_in_eval_mode
 
 
 def task_step(task, batches, scale=1.0, accum=1):
@@ -44,6 +45,7 @@ LOSS_CONFIGS = [
     {'loss': 'soft_ce', 'temperature': 2.0},
     {'loss': 'mse', 'temperature': 2.0},
     {'loss': 'dkd', 'temperature': 2.0},
+    {'loss': 'kl', 'bn': 'update'},
 ]
 
 
@@ -102,6 +104,8 @@ STEP_MUTATIONS = {
     'sub-network = full network': ({'loss': 'kl'},
                                    (task_module, 'use_subnet', lambda orig: lambda s, p: nullcontext())),
     'inputs not resized': ({'loss': 'kl'}, (task_module, 'resize_input', lambda orig: lambda x, size: x)),
+    'norm layers in eval mode in sub-networks': ({'loss': 'kl'},
+                                                 (task_module, 'frozen_running_stats', lambda orig: norms_in_eval_mode)),
 }
 
 
@@ -207,33 +211,6 @@ def _running_stats(model):
     return {n: b.clone() for n, b in model.named_buffers()}
 
 
-@pytest.mark.parametrize('momentum', [0.1, None])
-def test_bn_freeze_leaves_running_stats_as_main_pass_only(resnet, momentum):
-    for m in resnet.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = momentum
-    ct_model = clone(resnet)
-    x, y = batch()
-    st = StimulativeTask(resnet, {'num_subnets': 3, 'input_scale': [0.5, 1.0]}, verbose=False)
-    st(x, y)['loss'].backward()
-    ct = ClassificationTask(ct_model, torch.nn.CrossEntropyLoss(), verbose=False)
-    ct(x, y)['loss'].backward()
-    st_stats, ct_stats = _running_stats(resnet), _running_stats(ct_model)
-    for name in ct_stats:
-        assert torch.equal(st_stats[name], ct_stats[name]), name
-    assert all(m.track_running_stats for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d))
-
-
-def test_bn_update_changes_running_stats(resnet):
-    ct_model = clone(resnet)
-    x, y = batch()
-    st = StimulativeTask(resnet, {'num_subnets': 2, 'bn': 'update'}, verbose=False)
-    st(x, y)['loss'].backward()
-    ClassificationTask(ct_model, torch.nn.CrossEntropyLoss(), verbose=False)(x, y)['loss'].backward()
-    assert not torch.equal(resnet.bn1.running_mean, ct_model.bn1.running_mean)
-    assert resnet.bn1.num_batches_tracked.item() == 3
-
-
 @pytest.mark.parametrize('config,epoch', [
     ({'num_subnets': 0}, 0),
     ({'num_subnets': 2, 'coef': 0.0}, 0),
@@ -278,7 +255,8 @@ def test_coef_scales_subnet_gradients(resnet):
     task.set_epoch(1)
     task_step(task, batches)
     reference_step(ref_model, {'num_subnets': 1}, PLANS[:1], batches, coef=2.0 * (1 - math.cos(math.pi / 4)) / 2)
-    assert_grads_close(grads(resnet), grads(ref_model))
+    assert_nontrivial_grads(grads(ref_model))
+    assert_grads_close(grads(resnet), grads(ref_model), rel=1e-5)
 
 
 def test_channels_last_and_grad_checkpointing_match_reference(resnet):
@@ -339,7 +317,7 @@ def test_exception_in_subnet_pass_restores_model(resnet):
 def test_resume_continues_the_plan_sequence(resnet, tmp_path):
     config = {'num_subnets': 2, 'input_scale': [0.5, 1.0], 'seed': 3}
     full = StimulativeTask(clone(resnet), config, verbose=False)
-    plans_full = [full.sampler.sample(input_height=32) for _ in range(8)]
+    plans_full = [full.sampler.sample(input_height=64) for _ in range(8)]
 
     first = StimulativeTask(clone(resnet), config, verbose=False)
     for _ in range(2):
@@ -349,7 +327,7 @@ def test_resume_continues_the_plan_sequence(resnet, tmp_path):
 
     resumed = StimulativeTask(clone(resnet), config, verbose=False)
     assert resume_task_checkpoint(resumed, str(path), log_info=False) == 1
-    assert [resumed.sampler.sample(input_height=32) for _ in range(4)] == plans_full[4:]
+    assert [resumed.sampler.sample(input_height=64) for _ in range(4)] == plans_full[4:]
 
 
 def test_ema_updates_and_checkpoints(resnet):
@@ -412,4 +390,5 @@ def test_fp16_autocast_with_timm_native_scaler(resnet):
     assert scale == 1024.0
     with torch.autocast('cpu', dtype=torch.float16):  # the summed loss in the same precision, same scale
         reference_step(ref_model, config, PLANS, batches, scale=scale)
+    assert_nontrivial_grads(grads(ref_model))
     assert_grads_close(grads(resnet), grads(ref_model), rel=2e-3)
