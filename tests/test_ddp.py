@@ -2,9 +2,11 @@
 
 Every rank's gradients equal those of one process running the same task on the joined batch
 (sub-networks leaving blocks unused in the last, DDP-wrapped pass; resized inputs; kl_direction;
-gradient accumulation; common training); exactly one gradient all-reduce per optimizer step and
+gradient accumulation; common training), and both ranks, trained on different shards, end with the
+same weights, those of the single process; exactly one gradient all-reduce per optimizer step and
 none on `no_sync` micro-steps; the built-in samplers draw the same plans on every rank whatever
-the ranks' global seeds.
+the ranks' global seeds. Controls run without DDP (ranks train independently) and with the reduction
+on the first sub-network instead of the last, and the same checks fail.
 
 The two ranks run once per module, as subprocesses of this file (`python test_ddp.py --worker
 RANK PORT OUTDIR`), all scenarios in one process group, each scenario's results saved as soon as
@@ -24,7 +26,7 @@ import pytest
 import timm
 import torch
 
-from conftest import FixedSampler
+from conftest import FixedSampler, assert_nontrivial_grads
 from timm_st import StimulativeTask, SubnetPlan
 
 WORLD = 2
@@ -75,6 +77,29 @@ SCENARIOS = {
 HOOKED = ('one_allreduce', 'common')  # scenarios counting all-reduces with a comm hook
 
 
+def _no_ddp(task):
+    """Wrong variant: no DDP wrapper, each rank trains on its own shard."""
+
+
+def _first_subnet_synced(task):
+    """Wrong variant: DDP wraps the model, but the reduction runs with the first sub-network of each step
+    instead of the last, so the later sub-networks' gradients stay local."""
+    task.prepare_distributed(bucket_cap_mb=1000)
+    run = task._run
+    subnets = [0]
+
+    def first_synced(x, subnet, sync):
+        subnets[0] = subnets[0] + 1 if subnet else 0
+        return run(x, subnet=subnet, sync=sync if not subnet else subnets[0] == 1)
+    task._run = first_synced
+
+
+MUTATIONS = {'no_ddp': _no_ddp, 'first_subnet_synced': _first_subnet_synced}
+# controls: scenario@mutation, run with the scenarios; the checks of the scenario must fail on them
+CONTROLS = ['unused_in_last_subnet@no_ddp', 'unused_in_last_subnet@first_subnet_synced', 'resize@no_ddp']
+CASES = list(SCENARIOS) + CONTROLS
+
+
 def make_task(name):
     config, plans, _ = SCENARIOS[name]
     sampler = FixedSampler(plans) if plans is not None else None
@@ -94,7 +119,8 @@ def make_task(name):
 
 def run_steps(task, name, rank=0, world=1, counter=None):
     """timm's loop: per optimizer step, micro-steps under `no_sync` but the last, `loss /= accum`,
-    one backward each; gradients recorded, then an SGD update and `zero_grad(set_to_none)`."""
+    one backward each; gradients recorded, then an SGD update and `zero_grad(set_to_none)`.
+    Returns the gradients of every step, the all-reduce counts per micro-step and the final weights."""
     model = task.model
     grads, counts = [], []
     for step, accum in enumerate(SCENARIOS[name][2]):
@@ -115,7 +141,7 @@ def run_steps(task, name, rank=0, world=1, counter=None):
                 if p.grad is not None:
                     p.add_(p.grad, alpha=-0.5)
                     p.grad = None
-    return grads, counts
+    return grads, counts, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 class _null:
@@ -128,14 +154,18 @@ class _null:
 
 # --- workers -------------------------------------------------------------------------------------
 
-def _run_scenario(name, rank):
+def _run_scenario(case, rank):
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+    name, _, mutation = case.partition('@')
     task, drawn = make_task(name)
     torch.manual_seed(1234 + rank)  # different global RNG per rank, as timm's per-rank seeding does
     seed_probe = torch.rand(()).item()
-    task.prepare_distributed(bucket_cap_mb=1000)  # one bucket: the whole model
+    if mutation:
+        MUTATIONS[mutation](task)
+    else:
+        task.prepare_distributed(bucket_cap_mb=1000)  # one bucket: the whole model
     counter = None
     if name in HOOKED:
         counter = [0]
@@ -145,10 +175,10 @@ def _run_scenario(name, rank):
             return allreduce_hook(None, bucket)
 
         task.trainable_module.register_comm_hook(None, counting_hook)
-    grads, counts = run_steps(task, name, rank, WORLD, counter)
+    grads, counts, weights = run_steps(task, name, rank, WORLD, counter)
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, drawn)
-    return {'grads': grads, 'counts': counts, 'drawn': drawn, 'drawn_all_ranks': gathered,
+    return {'grads': grads, 'counts': counts, 'weights': weights, 'drawn': drawn, 'drawn_all_ranks': gathered,
             'seed_probe': seed_probe}
 
 
@@ -159,7 +189,7 @@ def _worker(rank, port, outdir):
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     results = {}
     path = os.path.join(outdir, f'rank{rank}.pt')
-    for name in SCENARIOS:
+    for name in CASES:
         with open(os.path.join(outdir, f'rank{rank}.progress'), 'w') as f:
             f.write(name)
         try:
@@ -183,7 +213,7 @@ def _free_port():
 
 @pytest.fixture(scope='module')
 def ddp_results():
-    """Runs both ranks once (all scenarios); returns {scenario: [rank0 result, rank1 result]}."""
+    """Runs both ranks once (all scenarios and controls); returns {case: [rank0 result, rank1 result]}."""
     with tempfile.TemporaryDirectory() as outdir:
         env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
         port = _free_port()
@@ -224,7 +254,7 @@ def ddp_results():
         pytest.fail(f'DDP workers did not finish within {TIMEOUT_S} s (hang?)\n{diag}')
     if any(p.returncode != 0 for p in procs):
         pytest.fail(f'DDP workers failed: return codes {[p.returncode for p in procs]}\n{diag}')
-    return {name: [per_rank[r].get(name, {'error': 'no result'}) for r in range(WORLD)] for name in SCENARIOS}
+    return {name: [per_rank[r].get(name, {'error': 'no result'}) for r in range(WORLD)] for name in CASES}
 
 
 def _results(ddp_results, name):
@@ -235,10 +265,23 @@ def _results(ddp_results, name):
     return res
 
 
+_REFERENCES = {}
+
+
 def _reference(name):
-    task, drawn = make_task(name)
-    grads, _ = run_steps(task, name)
-    return grads, drawn
+    """The single-process run on the joined batches: gradients per step, plans drawn, final weights."""
+    if name not in _REFERENCES:
+        task, drawn = make_task(name)
+        grads, _, weights = run_steps(task, name)
+        _REFERENCES[name] = grads, drawn, weights
+    return _REFERENCES[name]
+
+
+def _assert_weights_equal_reference(res, ref_weights):
+    """Both ranks end with the same weights (bit for bit), those of the single-process run."""
+    for n, ref in ref_weights.items():
+        assert torch.equal(res[0]['weights'][n], res[1]['weights'][n]), f'ranks diverged: {n}'
+        torch.testing.assert_close(res[0]['weights'][n], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f'{n}: {m}')
 
 
 def _assert_grads_equal_reference(res, ref_grads):
@@ -254,15 +297,18 @@ def _assert_grads_equal_reference(res, ref_grads):
 @pytest.mark.parametrize('name', ['unused_in_last_subnet', 'resize', 'kl_direction'])
 def test_gradients_equal_single_process(ddp_results, name):
     res = _results(ddp_results, name)
-    ref_grads, _ = _reference(name)
+    ref_grads, _, ref_weights = _reference(name)
+    for step_grads in ref_grads:
+        assert_nontrivial_grads(step_grads)
     _assert_grads_equal_reference(res, ref_grads)
+    _assert_weights_equal_reference(res, ref_weights)
 
 
 def test_params_used_only_by_main_pass_are_averaged(ddp_results):
     """Block 3 runs in the main pass only (step 0), blocks 1..3 not in the last sub-network (step 1):
     their gradients are the average over ranks, not each rank's local gradient."""
     res = _results(ddp_results, 'unused_in_last_subnet')
-    ref_grads, _ = _reference('unused_in_last_subnet')
+    ref_grads, _, _ = _reference('unused_in_last_subnet')
     for step, prefix in [(0, 'blocks.3.'), (1, 'blocks.1.')]:
         names = [n for n in ref_grads[step] if n.startswith(prefix)]
         assert names
@@ -280,8 +326,9 @@ def test_one_allreduce_per_step_and_accumulation(ddp_results, name):
     expected = [[0] * (accum - 1) + [1] for accum in SCENARIOS[name][2]]
     for r in range(WORLD):
         assert res[r]['counts'] == expected, f'rank {r}'
-    ref_grads, _ = _reference(name)
+    ref_grads, _, ref_weights = _reference(name)
     _assert_grads_equal_reference(res, ref_grads)
+    _assert_weights_equal_reference(res, ref_weights)
 
 
 @pytest.mark.parametrize('name', ['builtin_ordered', 'builtin_random'])
@@ -293,9 +340,22 @@ def test_builtin_sampler_same_plans_on_all_ranks(ddp_results, name):
     assert len(drawn[0]) == num_draws
     assert all(d == drawn[0] for d in drawn), drawn
     assert len(set(drawn[0])) > 1, 'the sampler drew a single plan: the test shows nothing'
-    ref_grads, ref_drawn = _reference(name)
+    ref_grads, ref_drawn, ref_weights = _reference(name)
     assert ref_drawn == drawn[0], 'the single-process reference drew other plans'
     _assert_grads_equal_reference(res, ref_grads)
+    _assert_weights_equal_reference(res, ref_weights)
+
+
+@pytest.mark.parametrize('case', CONTROLS)
+def test_checks_fail_without_ddp_averaging(ddp_results, case):
+    """Controls: run without DDP (ranks train on their own shards) or with the reduction before the last
+    sub-network, the gradient and final-weight checks above fail."""
+    res = _results(ddp_results, case)
+    ref_grads, _, ref_weights = _reference(case.partition('@')[0])
+    with pytest.raises(AssertionError):
+        _assert_grads_equal_reference(res, ref_grads)
+    with pytest.raises(AssertionError):
+        _assert_weights_equal_reference(res, ref_weights)
 
 
 @pytest.mark.parametrize('kwargs', [{'find_unused_parameters': False}, {'static_graph': True}])
