@@ -89,14 +89,35 @@ def _parse_args():
 
 def train_one_epoch(epoch, model, loader, optimizer, args, task=None, device=torch.device('cpu'),
                     amp_autocast=suppress, **kwargs):
+    # as timm's: the task's trainable module in train mode; per batch the task's loss, one backward, one step
     events.append(('train', epoch, task.epoch if hasattr(task, 'epoch') else None))
-    return {'loss': 0.0}
+    task.get_trainable_module().train()
+    total = 0.0
+    for x, y in loader:
+        with amp_autocast():
+            loss = task(x.to(device), y.to(device))['loss']
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        task.update_ema()
+        total += float(loss.detach())
+    return {'loss': total / len(loader)}
 
 
 def validate(model, loader, loss_fn, args, device=torch.device('cpu'), amp_autocast=suppress, model_dtype=None,
              log_suffix=''):
+    # as timm's: the evaluation model in eval mode, no gradients, loss and top-1 over the loader
     events.append(('validate' + log_suffix,))
-    return {'loss': 0.0, 'top1': 0.0, 'top5': 0.0}
+    model.eval()
+    loss = correct = count = 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            with amp_autocast():
+                output = model(x.to(device))
+            loss += float(torch.nn.functional.cross_entropy(output.float(), y, reduction='sum'))
+            correct += float((output.argmax(-1) == y).sum())
+            count += len(y)
+    return {'loss': loss / count, 'top1': 100 * correct / count, 'top5': 100.0}
 
 
 def main():
@@ -110,11 +131,12 @@ def main():
     os.makedirs(output, exist_ok=True)  # as train.py: the output folder is written after the setup
     with open(os.path.join(output, 'args.yaml'), 'w') as f:
         f.write(repr(sorted(vars(args))))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for epoch in range(args.epochs):
-        train_one_epoch(epoch, model, LOADER, None, args, task=task, amp_autocast=suppress)
+        train_one_epoch(epoch, model, LOADER, optimizer, args, task=task, amp_autocast=suppress)
         if (epoch + 1) % VAL_INTERVAL == 0:
-            validate(model, [], None, args, amp_autocast=suppress)
-            validate(model, [], None, args, amp_autocast=suppress, log_suffix=' (EMA)')
+            validate(model, LOADER, None, args, amp_autocast=suppress)
+            validate(model, LOADER, None, args, amp_autocast=suppress, log_suffix=' (EMA)')
     with open(os.path.join(output, 'last.pth.tar'), 'wb') as f:
         f.write(b'weights')
     return task
@@ -246,6 +268,34 @@ def test_set_epoch_and_recalibration_once_per_epoch_before_validate(tmp_path, re
     assert [e[0] for e in module.events].count('recalibrate') == 3
 
 
+def _final_weights(tmp_path, section, monkeypatch):
+    """Train the stand-in train.py (timm's step) through the hook: (task, plans drawn, final weights)."""
+    drawn = []
+    sample = StimulativeTask._sample
+    monkeypatch.setattr(StimulativeTask, '_sample', lambda self, h: drawn.append(sample(self, h)) or drawn[-1])
+    args = make_args(section, epochs=2)
+    module = fake_train_module(tmp_path, args, activate=hook.activate)
+    before = {k: v.clone() for k, v in module.MODEL.state_dict().items()}
+    task = module.main()
+    after = module.MODEL.state_dict()
+    return task, drawn, before, after
+
+
+def test_hook_run_trains_subnetworks(tmp_path, monkeypatch):
+    """In CI: the hook makes the stand-in train.py train sub-networks. Its sampler draws every step's plans, their
+    loss is finite, and their gradients reach the weights (the same run without sub-networks ends elsewhere)."""
+    task, drawn, before, after = _final_weights(tmp_path, {'num_subnets': 2, 'recalibrate_bn': 0}, monkeypatch)
+    assert isinstance(task, StimulativeTask) and len(drawn) == 2 * 3 * 2  # epochs x steps x sub-networks
+    assert task.subnet_loss is not None and torch.isfinite(task.subnet_loss)
+    floats = [k for k, v in after.items() if v.is_floating_point()]
+    assert sum(not torch.equal(after[k], before[k]) for k in floats) > 0.9 * len(floats)
+    plain_task, plain_drawn, _, plain_after = _final_weights(tmp_path, {'num_subnets': 0, 'recalibrate_bn': 0},
+                                                             monkeypatch)
+    assert plain_drawn == [] and plain_task.subnet_loss is None
+    differ = [k for k in floats if 'weight' in k and not torch.allclose(after[k], plain_after[k])]
+    assert len(differ) > 0.9 * len([k for k in floats if 'weight' in k])
+
+
 def test_no_recalibration_without_validation_or_when_off(tmp_path, recorded_recalibration):
     args = make_args({'recalibrate_bn': 8}, epochs=4)
     module = fake_train_module(tmp_path, args, activate=hook.activate, val_interval=2)
@@ -333,8 +383,8 @@ def _edit(old, new):
            'def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, task=None,'), 'train_one_epoch'),
     (_edit('amp_autocast=suppress, model_dtype=None,\n             log_suffix',
            'model_dtype=None,\n             log_suffix'), 'validate'),
-    (_edit('def validate(', 'def evaluate(').replace('validate(model, [], None, args, amp_autocast=suppress)', 'pass')
-     .replace("validate(model, [], None, args, amp_autocast=suppress, log_suffix=' (EMA)')", 'pass'), 'validate'),
+    (_edit('def validate(', 'def evaluate(').replace('validate(model, LOADER, None, args, amp_autocast=suppress)', 'pass')
+     .replace("validate(model, LOADER, None, args, amp_autocast=suppress, log_suffix=' (EMA)')", 'pass'), 'validate'),
 ])
 def test_unsupported_train_py_names_versions_and_patch(tmp_path, capsys, source, problem):
     args = make_args({'num_subnets': 1})

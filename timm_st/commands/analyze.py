@@ -47,6 +47,7 @@ from ..runs.errors import RunError as AnalyzeError
 from ..runs.folder import RunFolder, read_run
 from ..runs.loggers import setup_logging
 from ..runs.options import CALIB_IMAGES
+from ..runs.validation import check_output_folder
 
 __all__ = ['main', 'build_parser', 'AnalyzeError', 'group_statistics', 'shard_bounds']
 
@@ -364,6 +365,7 @@ def _validate_inputs(args):
         _fail(f'--max-samples {args.max_samples}: give a positive number of images')
     if args.batch_size is not None and args.batch_size < 1:
         _fail(f'--batch-size {args.batch_size}: give a positive batch size')
+    check_output_folder(args.output, '--output')
 
 
 def prepare(args) -> Dict[str, Any]:

@@ -11,6 +11,7 @@ import difflib
 import inspect
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import timm
@@ -20,12 +21,12 @@ from timm.utils.distributed import is_distributed_env
 from ..method.config import StimulativeConfig
 from .build import build_model, build_task, mixup_active
 from .checkpoints import load_weights, read_checkpoint
-from .data import DIGITS, class_names, is_remote
+from .data import DIGITS, class_names, data_config, is_remote
 from .errors import RunError
 from .folder import TIMM_ST_TRAIN
 from .options import check_ranges
 
-__all__ = ['check_run', 'check_combinations', 'check_dataset_classes']
+__all__ = ['check_run', 'check_combinations', 'check_dataset_classes', 'check_output_folder']
 
 
 def _fail(message: str) -> None:
@@ -141,6 +142,18 @@ def _run_model(args, runner: str):
             return build_model(vars(args), num_classes=num_classes)
     except RunError as e:
         _fail(f'{e} (recipe keys model, model_kwargs, num_classes, in_chans)')
+
+
+def _check_channels(args, model) -> None:
+    """The images' channels (the data config's, by which timm picks the image mode) must be the model's."""
+    channels = getattr(args, 'in_chans', None)
+    if channels is None or getattr(args, 'input_size', None) or getattr(args, 'img_size', None):
+        return
+    size = data_config(vars(args), model)['input_size']
+    if size[0] != channels:
+        _fail(f'in_chans {channels}: without img_size or input_size the data config takes the model\'s default input '
+              f'size {tuple(size)}, so timm would feed {size[0]}-channel images to a {channels}-channel model; set '
+              f'img_size (or input_size: [{channels}, H, W])')
 
 
 def _check_checkpoints(args, model) -> None:
@@ -277,6 +290,17 @@ def _loader_takes_zero_workers() -> bool:
     return True
 
 
+def check_output_folder(path: Optional[str], option: str) -> None:
+    """Refuse an output folder that cannot be created: it, or a folder it would be created in, is a file."""
+    if not path:
+        return
+    for parent in [Path(path), *Path(path).absolute().parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                _fail(f'{option} {str(path)!r}: {str(parent)!r} is a file, not a folder; pass a folder to write into')
+            return
+
+
 def _check_environment(args, runner: str) -> None:
     """Options the installed timm, or this launch, must support."""
     if getattr(args, 'aug_repeats', 0) and not is_distributed_env():
@@ -308,9 +332,11 @@ def check_run(args, config: Optional[StimulativeConfig], runner: str) -> torch.n
         _fail(f'unknown model {model_name!r}; similar timm models: {close}. '
               f'(timm-st registers resnet20/32/44/56/110_cifar.)')
     check_ranges(args)
+    check_output_folder(getattr(args, 'output', None), '--output')
     _check_device(getattr(args, 'device', None))
     _check_data(args, runner)
     model = _run_model(args, runner)
+    _check_channels(args, model)
     _check_checkpoints(args, model)
     if config is not None:  # the model has a sub-network adapter and the space fits it
         build_task(model, config, num_epochs=getattr(args, 'epochs', None), verbose=False)
@@ -329,3 +355,46 @@ def check_dataset_classes(args, dataset) -> Optional[int]:
         _fail(f'num_classes is {args.num_classes} but the dataset has {count} classes; '
               f'fix num_classes in the recipe or --num-classes')
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# timm-st analyze
+
+def check_analysis_options(args) -> None:
+    """The options of `timm-st analyze` that need no file read: counts, `--subnets`, the output folder."""
+    if args.calib_images < 1:
+        _fail(f'--calib-images {args.calib_images}: give a positive number of training images')
+    if args.max_samples is not None and args.max_samples < 1:
+        _fail(f'--max-samples {args.max_samples}: give a positive number of images')
+    if args.batch_size is not None and args.batch_size < 1:
+        _fail(f'--batch-size {args.batch_size}: give a positive batch size')
+    if args.subnets not in (None, 'all') and not (args.subnets.isdigit() and int(args.subnets) > 0):
+        _fail(f'--subnets {args.subnets!r}: give "all" or a positive number of sub-networks')
+    check_output_folder(args.output, '--output')
+
+
+def check_calibration_split(name: str, root: Optional[str], split: str, train_split: str, eval_dataset,
+                            class_map: str = '', shown: Optional[str] = None) -> int:
+    """The number of training images BatchNorm statistics can be re-estimated on (`--bn recalibrate`); refuses a
+    training split that is absent, or that holds other classes than the evaluated split `eval_dataset`."""
+    from timm.data.dataset_factory import _search_split
+    from .data import create_split
+    shown = shown or f'{name or "image folder"} at {root}'
+    fix = 'fix --data-dir / --train-split, or use --bn running'
+    if not name and root and os.path.isdir(root):
+        # timm reads an image folder without that split subfolder as the whole folder: that would re-estimate on
+        # the evaluation images themselves
+        calib_root, eval_root = _search_split(root, train_split), _search_split(root, split)
+        if os.path.samefile(calib_root, root) or os.path.samefile(calib_root, eval_root):
+            _fail(f'--bn recalibrate needs training images: {shown} has no {train_split}/ folder (timm would read '
+                  f'the evaluation images instead); {fix}')
+    try:
+        train = create_split(name, root, train_split, 'RGB', class_map=class_map, shown=shown)  # counted, not decoded
+    except RunError as e:
+        raise RunError(f'--bn recalibrate needs training images: {e}; or use --bn running') from None
+    ours, theirs = class_names(train), class_names(eval_dataset)
+    if ours is not None and theirs is not None and ours != theirs:
+        _fail(f'--bn recalibrate needs training images: split {train_split!r} of {shown} has classes '
+              f'{ours[:5]}{"..." if len(ours) > 5 else ""} but split {split!r} has {len(theirs)} others '
+              f'(no {train_split}/ folder?); {fix}')
+    return len(train)
