@@ -10,9 +10,11 @@ import yaml
 from PIL import Image
 
 from timm_st import SubnetPlan, subnet_stages, use_subnet
-from timm_st.commands import analyze as analyze_cmd
+from timm_st.analysis import measure
 from timm_st.analysis.evaluation import subnet_statistics
-from timm_st.commands.analyze import group_statistics, shard_bounds
+from timm_st.analysis.measure import shard_bounds
+from timm_st.analysis.report import group_statistics
+from timm_st.runs.data import fixed_subset
 from timm_st.commands.cli import main as cli_main
 from timm_st.runs.folder import write_args, write_summary_row
 
@@ -93,8 +95,8 @@ def no_evaluation(monkeypatch):
     """Fail the test if anything is evaluated."""
     def refuse(*args, **kwargs):
         raise AssertionError('an evaluation started before the input was checked')
-    monkeypatch.setattr(analyze_cmd, 'evaluate_plans', refuse)
-    monkeypatch.setattr(analyze_cmd, 'lesion_study', refuse)
+    monkeypatch.setattr(measure, 'evaluate_plans', refuse)
+    monkeypatch.setattr(measure, 'lesion_study', refuse)
 
 
 def test_every_source_kind_evaluated_on_the_same_subnetworks(tmp_path, image_folder):
@@ -210,10 +212,10 @@ def test_shards_cover_every_plan_once_in_order(count, world):
 
 
 def test_calibration_images_are_a_fixed_spread_subset():
-    first = analyze_cmd.fixed_subset(100, 30, seed=0)
-    assert first == analyze_cmd.fixed_subset(100, 30, seed=0)
+    first = fixed_subset(100, 30, seed=0)
+    assert first == fixed_subset(100, 30, seed=0)
     assert len(set(first)) == 30 and first != list(range(30))
-    assert analyze_cmd.fixed_subset(10, 30, seed=0) == list(range(10))
+    assert fixed_subset(10, 30, seed=0) == list(range(10))
 
 
 @pytest.mark.parametrize('case,expected', [
