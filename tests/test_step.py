@@ -40,7 +40,7 @@ def task_step(task, batches, scale=1.0, accum=1):
 LOSS_CONFIGS = [
     {'loss': 'kl'},
     {'loss': 'kl', 'temperature': 3.0},
-    {'loss': 'kl_direction', 'temperature': 2.0},
+    {'loss': 'kl_direction', 'temperature': 2.0, 'amplitude': 3.0},
     {'loss': 'kl_direction', 'norm': 'l2', 'amplitude': 4.0},
     {'loss': 'soft_ce', 'temperature': 2.0},
     {'loss': 'mse', 'temperature': 2.0},
