@@ -16,8 +16,11 @@ from safetensors.torch import load_file
 
 import huggingface_hub
 import timm
-from timm_st.commands import publish as publish_module
-from timm_st.commands.publish import PublishError, export_checkpoint, main, publish
+from timm_st.commands.publish import main
+from timm_st.runs import publish as publish_module
+from timm_st.runs.errors import RunError
+from timm_st.runs.options import LOCAL_KEYS
+from timm_st.runs.publish import export_checkpoint, publish
 from timm_st.runs.recipe import parse_args
 from timm_st.commands.train import main as train_main
 
@@ -199,7 +202,7 @@ def test_recipe_yaml_trains_the_same_run(st_run, tmp_path):
     out = export_checkpoint(st_run, tmp_path / 'export')
     args, config = parse_args(['-c', str(out / 'recipe.yaml'), '--data-dir', 'somewhere'])
     original = yaml.safe_load((st_run / 'args.yaml').read_text())
-    local = set(publish_module._LOCAL_KEYS)
+    local = set(LOCAL_KEYS)
     for key, value in vars(args).items():
         if key in original and key not in local:
             assert value == original[key], key
@@ -337,14 +340,14 @@ def test_existing_local_dir_needs_overwrite(st_run, tmp_path, capsys):
     empty = tmp_path / 'empty'
     empty.mkdir()
     assert main([str(st_run), '--local-dir', str(empty)]) == 0  # an empty folder is fine
-    with pytest.raises(PublishError, match='training output folder'):
+    with pytest.raises(RunError, match='training output folder'):
         export_checkpoint(st_run, st_run.parent, overwrite=True)
 
 
 def test_failure_while_writing_leaves_nothing(st_run, tmp_path, capsys, monkeypatch):
     def broken(model, folder, **kwargs):
         (folder / 'model.safetensors').write_bytes(b'partial')
-        raise PublishError('disk full (simulated)')
+        raise RunError('disk full (simulated)')
     monkeypatch.setattr(publish_module, 'save_for_hf', broken)
     _fails([st_run, '--local-dir', tmp_path / 'out'], capsys, 'disk full', tmp_path / 'out')
     dest = tmp_path / 'existing'
@@ -443,7 +446,7 @@ def test_push_network_failure(st_run, fake_hub, capsys, where):
 def test_push_bad_repo_id(st_run, fake_hub, capsys):
     assert main([str(st_run), '--repo-id', 'no-owner']) == 2  # bad input
     assert 'ORG_OR_USER/NAME' in capsys.readouterr().err
-    with pytest.raises(PublishError, match='not a valid repository id'):
+    with pytest.raises(RunError, match='not a valid repository id'):
         publish(st_run, 'bad//id')
 
 

@@ -81,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse printed the usage error
-        return e.code if isinstance(e.code, int) else 2
+    args = build_parser().parse_args(argv)
     setup_logging()
     try:
         analysis, output_dir = analyze(args, 'timm-st analyze ' + shlex.join(argv))
