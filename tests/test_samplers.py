@@ -10,7 +10,7 @@ import timm
 import timm_st
 
 from timm_st import (
-    OrderedSubnetSampler, RandomSubnetSampler, Stage, SubnetPlan, resolve_sample_space, subnet_stages, use_subnet,
+    OrderedSubnetSampler, RandomSubnetSampler, Stage, SubnetPlan, resolve_sample_space, subnet_stages,
 )
 from timm_st.method.adapters import stage_depths
 
@@ -92,15 +92,6 @@ def test_ordered_draws_are_roughly_uniform_per_stage():
     for c in counts:
         for v in c:
             assert abs(v / n - 1 / len(c)) < 0.05, c
-
-
-def test_sampled_plans_run_on_real_model(r50_stages):
-    sampler = OrderedSubnetSampler(R50, resolve_sample_space('default', r50_stages), seed=0)
-    for _ in range(20):
-        plan = sampler.sample()
-        with use_subnet(r50_stages, plan):
-            assert [len(s.container._modules) for s in r50_stages] == list(plan.depths)
-    assert [len(s.container._modules) for s in r50_stages] == list(R50)
 
 
 def test_default_space_on_other_layouts():
@@ -285,19 +276,6 @@ def test_random_sampler_keep_rule():
     assert abs(counts[-1][-1] / n - p_min) < 0.04
     # random plans are arbitrary masks, not only prefixes
     assert any(any(kept != tuple(range(len(kept))) for kept in blocks) for blocks in masks_seen)
-
-
-def test_random_sampler_plans_valid_on_real_model():
-    model = timm.create_model('resnet18', pretrained=False)
-    stages = subnet_stages(model)
-    sampler = RandomSubnetSampler(stages, min_keep_prob=0.2, seed=1)
-    skipped_any = False
-    for _ in range(100):
-        plan = sampler.sample()
-        assert all(kept[0] == 0 for kept in plan.blocks)
-        with use_subnet(stages, plan):  # raises if a non-droppable block were skipped
-            skipped_any |= any(len(s.container._modules) < s.depth for s in stages)
-    assert skipped_any
 
 
 def test_random_sampler_min_keep_prob_one_keeps_everything():
