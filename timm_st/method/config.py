@@ -43,7 +43,17 @@ def _is_number(v: Any) -> bool:
 
 @dataclass(frozen=True)
 class StimulativeConfig:
-    """Settings of stimulative training (see ST_SPEC.md); `from_dict` validates a recipe section."""
+    """Settings of stimulative training; `from_dict` validates a recipe section (`DESCRIPTIONS` says what each
+    key means).
+
+    The loss of a training step is `main + coef * sum_i loss_i`: `main` is the criterion on the full network's
+    logits, and each of the `num_subnets` sampled sub-networks (residual blocks dropped by the sampler, the
+    batch optionally resized by `input_scale`) is trained by `loss_i` to imitate the full network's detached
+    logits. `coef` follows `coef_schedule` over the epochs and is 0 before `start_epoch`. The cheaper
+    schedules reduce the sub-network work: `subnet_interval: k` runs sub-networks on training steps
+    0, k, 2k, ... only (a step is one `task(x, y)` call with gradients enabled: one micro-batch), and
+    `subnet_batch_fraction: f` runs them on the first `subnet_batch_size(B)` images of the batch only.
+    """
 
     num_subnets: int = 1
     loss: str = 'kl'
@@ -61,6 +71,8 @@ class StimulativeConfig:
     bn: str = 'freeze'
     recalibrate_bn: int = 0
     seed: int = 0
+    subnet_interval: int = 1
+    subnet_batch_fraction: float = 1.0
 
     @classmethod
     def from_dict(cls, section: Optional[Mapping[str, Any]]) -> 'StimulativeConfig':
@@ -78,6 +90,10 @@ class StimulativeConfig:
                 _fail(key, v[key], 'an integer >= 0' if key != 'seed' else 'an integer')
         if not _is_int(v['input_size_multiple']) or v['input_size_multiple'] < 1:
             _fail('input_size_multiple', v['input_size_multiple'], 'an integer >= 1 (1 = any size)')
+        if not _is_int(v['subnet_interval']) or v['subnet_interval'] < 1:
+            _fail('subnet_interval', v['subnet_interval'], 'an integer >= 1 (1 = sub-networks on every step)')
+        if not _is_number(v['subnet_batch_fraction']) or not 0 < v['subnet_batch_fraction'] <= 1:
+            _fail('subnet_batch_fraction', v['subnet_batch_fraction'], 'a number in (0, 1] (1 = the whole batch)')
         if v['loss'] not in list_subnet_losses():
             _fail('loss', v['loss'], f'one of {list(list_subnet_losses())}')
         for key, choices in _CHOICES.items():
@@ -97,7 +113,7 @@ class StimulativeConfig:
                 raise ValueError(
                     f'stimulative.{key}: only used with {other}: {needed}, but {other} is {v[other]!r}; '
                     f'remove {key} or set {other}: {needed}')
-        for key in ('amplitude', 'temperature', 'coef', 'min_keep_prob'):
+        for key in ('amplitude', 'temperature', 'coef', 'min_keep_prob', 'subnet_batch_fraction'):
             v[key] = float(v[key])
         return cls(**v)
 
@@ -121,6 +137,11 @@ class StimulativeConfig:
         if soft_targets and self.subnet_loss.hard_labels:
             raise ValueError(f'stimulative.loss: {self.loss!r} needs class-index targets, but mixup/cutmix make '
                              f'soft targets; disable mixup/cutmix or choose another loss')
+
+    def subnet_batch_size(self, batch_size: int) -> int:
+        """Images of a batch of `batch_size` the sub-networks see: `ceil(subnet_batch_fraction * batch_size)`, the
+        product rounded to 9 decimals first (0.07 * 100 is 7.000000000000001 in floating point: 7 images, not 8)."""
+        return max(1, math.ceil(round(self.subnet_batch_fraction * batch_size, 9)))  # at least 1 image
 
     def coef_at(self, epoch: int, num_epochs: Optional[int]) -> float:
         """Weight of the sub-network losses at `epoch` (0 before `start_epoch`)."""
@@ -154,6 +175,16 @@ DESCRIPTIONS = {
     'bn': 'freeze: sub-network passes leave BatchNorm running statistics untouched; update: they update them',
     'recalibrate_bn': 'training images used to re-estimate BatchNorm statistics before each validation (0 = off)',
     'seed': 'seed of the sub-network sampler (the same on every rank)',
+    'subnet_interval': 'sub-networks only on every k-th training step: steps 0, k, 2k, ... of the run (a step is '
+                       'one micro-batch, one optimizer step without gradient accumulation; counted on every rank '
+                       'alike and saved in checkpoints); the other steps train the full network alone. coef is '
+                       'kept, not multiplied by k: each sub-network loss weighs coef as on every ST step (as '
+                       'num_subnets sums), gradient clipping and the logged losses see the same scale as ST; for the '
+                       'same expected stimulus per step as ST, set coef to k times its value (1 = every step)',
+    'subnet_batch_fraction': 'sub-networks see only the first ceil(f * B) images of each batch of B (the loaders '
+                             'shuffle, so a uniform random subset), their losses averaged over those images and '
+                             'compared with the full network\'s prediction and targets of the same images: an unbiased '
+                             'estimate of the whole-batch loss, so coef needs no rescaling (1 = the whole batch)',
 }
 
 
@@ -187,6 +218,8 @@ def describe_method(stimulative: Optional[Mapping[str, Any]]) -> Tuple[str, str,
     ST++: ST plus any of the ST++ strategies: the KL- loss, several sub-networks per step, random smaller
     sub-network inputs, or one of the paper's inter-stage sampling spaces (space1..space7). A space the
     user writes per stage (max_drop / min_keep) only narrows the sampling and does not by itself make ST++.
+    A cheaper schedule (`subnet_interval`, `subnet_batch_fraction`) leaves the tag as it is and is named in the
+    description ('stimulative training (ST) with sub-networks on every 3rd step').
     """
     if stimulative is None:
         return 'ct', 'common training (CT, no stimulative loss)', []
@@ -211,6 +244,19 @@ def describe_method(stimulative: Optional[Mapping[str, Any]]) -> Tuple[str, str,
                           f'{config.input_scale[1]:g})')
     if config.sampler == 'ordered' and isinstance(config.sample_space, str) and config.sample_space != 'default':
         strategies.append(f'inter-stage sampling rule (sample space {config.sample_space})')
-    if strategies:
-        return 'stpp', 'stimulative training++ (ST++)', strategies
-    return 'st', 'stimulative training (ST)', strategies
+    tag, description = ('stpp', 'stimulative training++ (ST++)') if strategies else ('st', 'stimulative training (ST)')
+    return tag, description + _schedule_text(config), strategies
+
+
+def _ordinal(n: int) -> str:
+    return f'{n}{"th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")}'
+
+
+def _schedule_text(config: StimulativeConfig) -> str:
+    """The cheaper sub-network schedule, for a method's description ('' for sub-networks on every whole batch)."""
+    parts = []
+    if config.subnet_interval > 1:
+        parts.append(f'on every {_ordinal(config.subnet_interval)} step')
+    if config.subnet_batch_fraction < 1:
+        parts.append(f'on {100 * config.subnet_batch_fraction:g}% of each batch')
+    return f' with sub-networks {" and ".join(parts)}' if parts else ''

@@ -148,7 +148,9 @@ class StimulativeTask(TrainingTask):
         device, dtype, verbose: As for timm's tasks.
 
     `task.set_epoch(e)` tells the task the epoch; `task.subnet_loss` is the mean sub-network loss
-    of the last step (a tensor, set after backward; None when no sub-network ran).
+    of the last step (a tensor, set after backward; None when no sub-network ran). `task.train_steps`
+    counts the training steps (calls with gradients enabled, one per micro-batch) that `subnet_interval`
+    selects from; it is checkpointed with the sampler's state, so a resumed run continues both.
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class StimulativeTask(TrainingTask):
         criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.criterion = criterion.to(self.device) if isinstance(criterion, nn.Module) else criterion
         self.epoch = 0
+        self.train_steps = 0  # training steps taken (calls with gradients enabled): the next step's index
         self.subnet_loss: Optional[torch.Tensor] = None
         self._recalibration_due = True
 
@@ -238,7 +241,12 @@ class StimulativeTask(TrainingTask):
         return self.config.coef_at(self.epoch, self.num_epochs)
 
     def _subnets_this_step(self) -> int:
+        """Sub-networks of the step about to run: none without gradients, at coef 0, and on steps whose index
+        `train_steps` is not a multiple of `subnet_interval` (the same on every rank: each calls once a
+        micro-batch)."""
         if self.sampler is None or not torch.is_grad_enabled() or self.current_coef() == 0:
+            return 0
+        if self.train_steps % self.config.subnet_interval:
             return 0
         return self.config.num_subnets
 
@@ -273,13 +281,16 @@ class StimulativeTask(TrainingTask):
         """
         self.subnet_loss = None
         num_subnets = self._subnets_this_step()
+        if torch.is_grad_enabled():
+            self.train_steps += 1
         output = self._run(input, subnet=False, sync=num_subnets == 0)
         logits = self._logits_for_loss(output)
         loss = self.criterion(logits, target)
         if num_subnets == 0:
             return {'loss': loss, 'output': output}
         plans = [self._sample(input.shape[-2]) for _ in range(num_subnets)]
-        step = _SubnetStep(self, input, target, logits.detach().float(), plans, self.current_coef())
+        n = self.config.subnet_batch_size(input.shape[0])  # images, teacher and targets sliced alike
+        step = _SubnetStep(self, input[:n], target[:n], logits[:n].detach().float(), plans, self.current_coef())
         return {'loss': _RunSubnetsAfterBackward.apply(loss, step), 'output': output}
 
     # --- timm task contract -------------------------------------------------------------------
@@ -330,10 +341,14 @@ class StimulativeTask(TrainingTask):
         return super().get_eval_model(module=module, ema=ema)
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The sampler's generator state (so a resumed run draws the same plans)."""
-        if ema or not hasattr(self.sampler, 'state_dict'):
+        """The training steps taken and the sampler's generator state (so a resumed run runs sub-networks on
+        the same steps and draws the same plans); empty without sub-networks."""
+        if ema or self.sampler is None:
             return {}
-        return {'subnet_sampler': self.sampler.state_dict()}
+        state = {'train_steps': self.train_steps}
+        if hasattr(self.sampler, 'state_dict'):
+            state['subnet_sampler'] = self.sampler.state_dict()
+        return state
 
     def load_task_state(
             self,
@@ -342,9 +357,16 @@ class StimulativeTask(TrainingTask):
             module: Optional[nn.Module] = None,
             ema: bool = False,
     ) -> None:
-        if ema or not hasattr(self.sampler, 'load_state_dict'):
+        if ema or self.sampler is None:
             return
-        if state and 'subnet_sampler' in state:
+        state = state or {}
+        if 'train_steps' in state:
+            self.train_steps = int(state['train_steps'])
+        elif self.config.subnet_interval > 1 and self.verbose:
+            _logger.warning('Checkpoint has no step count; subnet_interval counts steps from 0 again.')
+        if not hasattr(self.sampler, 'load_state_dict'):
+            return
+        if 'subnet_sampler' in state:
             self.sampler.load_state_dict(state['subnet_sampler'])
         elif self.verbose:
             _logger.warning('Checkpoint has no sub-network sampler state; sampling starts from the configured seed.')
