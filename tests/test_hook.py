@@ -647,3 +647,26 @@ def test_patched_route_trains_one_epoch(patched_train_py, workdir, hook_run):
     assert plans(records) == plans(hook_run[0]) and losses(records) == losses(hook_run[0])
 
 # parity with timm-st train (plans, losses, validation) for ST, ST++ and criterion cases: tests/test_parity.py
+
+
+# --- timm >= 1.0.31: train.py's own --task {classification,multilabel} ----------------------------
+
+def _with_builtin_task_option(module):
+    module.parser.add_argument('--task', default='classification', choices=['classification', 'multilabel'])
+    return module
+
+
+def test_train_py_with_its_own_task_names(tmp_path):
+    """timm 1.0.31's train.py has --task {classification,multilabel} (names only): the recipe's line naming our
+    factory selects train.py's default task, which the hook replaces; its own other tasks stay its own."""
+    args = make_args({'num_subnets': 1}, task=hook.FACTORY_PATH)
+    module = _with_builtin_task_option(fake_train_module(tmp_path, args))
+    state = hook.install(module, args)
+    assert state is not None and args.task == 'classification'
+    assert isinstance(module.main(), StimulativeTask)
+    args = make_args(task='multilabel')  # common training with train.py's own multi-label task: left alone
+    assert hook.install(_with_builtin_task_option(fake_train_module(tmp_path, args)), args) is None
+    assert args.task == 'multilabel'
+    args = make_args({'num_subnets': 1}, task='multilabel')
+    with pytest.raises(RunError, match="selects train.py's own 'multilabel' task"):
+        hook.install(_with_builtin_task_option(fake_train_module(tmp_path, args)), args)

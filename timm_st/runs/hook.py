@@ -182,10 +182,16 @@ def check_train_script(module: types.ModuleType, args: Any = None) -> None:
             f'The hook supports {SUPPORTED}. {_PATCH_HINT}.')
 
 
-def _has_task_option(module: types.ModuleType) -> bool:
-    """Whether train.py has the generic `--task` option (patches/train_task_option.patch or upstream)."""
+def _task_action(module: types.ModuleType) -> Optional[argparse.Action]:
     parser = getattr(module, 'parser', None)
-    return isinstance(parser, argparse.ArgumentParser) and '--task' in getattr(parser, '_option_string_actions', {})
+    return parser._option_string_actions.get('--task') if isinstance(parser, argparse.ArgumentParser) else None
+
+
+def _has_task_option(module: types.ModuleType) -> bool:
+    """Whether train.py's `--task` takes a `module:factory` (patches/train_task_option.patch): an option without a
+    fixed list of names. timm 1.0.31's own `--task {classification,multilabel}` takes its names only."""
+    action = _task_action(module)
+    return action is not None and action.choices is None
 
 
 def _resolve(path: str) -> Any:
@@ -262,6 +268,28 @@ def _recipe_path(main_module: types.ModuleType, args: Any) -> str:
     return getattr(config_parser.parse_known_args()[0], 'config', '') or ''
 
 
+def _task_keys(main_module: types.ModuleType, args: Any, recipe: dict) -> set:
+    """On a train.py whose --task takes no `module:factory`: the recipe's task keys the hook honours itself. A
+    train.py with its own `--task NAME` (timm >= 1.0.31) keeps its names; naming our factory there selects its
+    default task, which the hook replaces."""
+    builtin = _task_action(main_module)
+    task = getattr(args, 'task', None) or recipe.get('task') or FACTORY_PATH
+    if recipe.get('task_kwargs'):
+        raise RunError('recipe key task_kwargs needs a train.py whose --task takes module:factory (patches/); put '
+                       'the settings in the stimulative: section')
+    if task in TASK_FACTORIES:
+        if builtin is not None:
+            args.task = builtin.default
+        return {'task', 'task_kwargs'}
+    if builtin is None:
+        raise RunError(f'recipe key task: {task!r}, but this train.py has no --task option (patches/ adds it); '
+                       f'remove the key or name {FACTORY_PATH}')
+    if task != builtin.default and _section(args) is not None:
+        raise RunError(f'task {task!r} selects train.py\'s own {task!r} task, which stimulative training does not '
+                       f'replace; remove the stimulative: section, or the task (or name {FACTORY_PATH})')
+    return {'task_kwargs'}
+
+
 def validate_run(main_module: types.ModuleType, args: argparse.Namespace
                  ) -> Tuple[Optional[dict], Optional[StimulativeConfig]]:
     """The validation `timm-st train` does, for the run this train.py is about to start -> (section, config).
@@ -282,13 +310,7 @@ def validate_run(main_module: types.ModuleType, args: argparse.Namespace
     recipe = load_recipe(path) if path else {}
     ours = {'stimulative', 'eval_subnets'}
     if not _has_task_option(main_module):  # the recipe's line for a patched train.py; the hook does that work here
-        if recipe.get('task', FACTORY_PATH) not in TASK_FACTORIES:
-            raise RunError(f'recipe key task: {recipe["task"]!r}, but this train.py has no --task option '
-                              f'(patches/ adds it); remove the key or name {FACTORY_PATH}')
-        if recipe.get('task_kwargs'):
-            raise RunError('recipe key task_kwargs needs a train.py with --task (patches/); put the settings '
-                              'in the stimulative: section')
-        ours |= {'task', 'task_kwargs'}
+        ours |= _task_keys(main_module, args, recipe)
     if recipe.get('eval_subnets'):
         raise RunError(
             f'recipe key eval_subnets: {recipe["eval_subnets"]!r} is the end-of-run sub-network evaluation of '
