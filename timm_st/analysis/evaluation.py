@@ -4,6 +4,13 @@
 shared prefix computed once per batch) or one by one with `use_subnet` (the reference); both give
 the same numbers. With `bn='recalibrate'` every sub-network gets its own BatchNorm statistics,
 re-estimated on calibration images, before it is evaluated.
+
+Nothing is read back from the device per batch or per sub-network: examples, loss and correct counts
+accumulate on the device (timm's task evaluator where timm has one) and are read once at the end;
+re-estimation sets each batch's momentum from a host-side count (`cumulative_momentum`). Blocks that
+`StimulativeTask.compile()` compiled in place run eagerly here, so evaluating after `--torchcompile`
+adds no graphs (the per-node statistics swapped in by hooks, and the per-batch momenta, would each be
+guarded on and recompile).
 """
 import itertools
 import logging
@@ -20,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm.utils.model import unwrap_model
 
 from ..method.adapters import Stage, _check_plan, stage_depths, subnet_stages, use_subnet
-from ..method.batchnorm import _stat_norms
+from ..method.backends import eager_blocks
+from ..method.batchnorm import _stat_norms, cumulative_momentum
 from ..method.plan import SubnetPlan, resize_input
 from ..method.sampling import resolve_sample_space
 from .tree import (
@@ -38,13 +46,44 @@ BN_MODES = ('running', 'recalibrate')
 METHODS = ('auto', 'tree', 'each')
 
 
-def _batch_totals(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Loss sum, examples, top-1 and top-5 correct of one batch (float64)."""
-    output = output.float()
-    correct = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(y[:, None])
-    return torch.stack([
-        F.cross_entropy(output, y, reduction='sum').double(), torch.tensor(output.shape[0], device=output.device),
-        correct[:, 0].sum(), correct.any(-1).sum()]).double()
+class _DeviceTotals:
+    """What timm's task evaluator (`timm.task.ClassificationEvaluator`, timm >= 1.0.31) accumulates, for
+    older timm: cross-entropy times examples, examples, top-1 and top-5 correct, summed on the device (no
+    read per batch); `num_samples` counts the examples on the host."""
+
+    def __init__(self, device: torch.device):
+        self.num_samples = 0
+        self.loss_sum = torch.zeros((), dtype=torch.float32 if device.type == 'mps' else torch.float64, device=device)
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)  # examples, top-1 correct, top-5 correct
+
+    @torch.no_grad()
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        output, n = output.detach().float(), output.shape[0]
+        self.num_samples += n
+        if n:
+            self.loss_sum += F.cross_entropy(output, target).to(self.loss_sum.dtype) * n
+            correct = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(target[:, None])
+            self.counts[0] += n
+            self.counts[1] += correct[:, 0].sum()
+            self.counts[2] += correct.any(dim=-1).sum()
+
+    def compute(self, distributed: bool = False) -> Dict[str, float]:
+        loss_sum, counts = self.loss_sum.clone(), self.counts.clone()
+        if distributed:
+            torch.distributed.all_reduce(loss_sum)
+            torch.distributed.all_reduce(counts)
+        count, top1, top5 = counts.tolist()
+        count = max(count, 1)
+        return {'loss': loss_sum.item() / count, 'top1': 100 * top1 / count, 'top5': 100 * top5 / count}
+
+
+def _evaluator(device: torch.device):
+    """timm's task evaluator where timm has one (counters on the device), else `_DeviceTotals`."""
+    try:
+        from timm.task import ClassificationEvaluator
+    except ImportError:
+        return _DeviceTotals(device)
+    return ClassificationEvaluator(device)
 
 
 def _kept(batch_size: int, seen: int, max_samples: Optional[int]) -> int:
@@ -52,10 +91,18 @@ def _kept(batch_size: int, seen: int, max_samples: Optional[int]) -> int:
     return batch_size if max_samples is None else max(0, min(batch_size, max_samples - seen))
 
 
-def _metrics(totals: torch.Tensor) -> Dict[str, float]:
-    count = max(totals[1].item(), 1)
-    return {'loss': totals[0].item() / count, 'top1': 100 * totals[2].item() / count,
-            'top5': 100 * totals[3].item() / count, 'samples': int(totals[1].item())}
+def _results(evaluators: Sequence[Any], distributed: bool) -> List[Dict[str, float]]:
+    """Loss, top-1, top-5 and examples of each evaluator, summed over ranks when `distributed` (read once,
+    at the end)."""
+    results = [dict(ev.compute(distributed=distributed)) for ev in evaluators]
+    samples = [ev.num_samples for ev in evaluators]
+    if distributed and samples:
+        counts = torch.tensor(samples, dtype=torch.int64, device=evaluators[0].counts.device)
+        torch.distributed.all_reduce(counts)
+        samples = counts.tolist()
+    for result, n in zip(results, samples):
+        result['samples'] = int(n)
+    return results
 
 
 def _report(progress: Optional[Any], n: int) -> None:
@@ -79,10 +126,10 @@ def _all_modes_kept(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _loader_totals(model: nn.Module, loader: Iterable, device: torch.device, autocast: Callable[[], ContextManager],
-                   channels_last: bool, max_samples: Optional[int], input_size: Optional[int] = None,
-                   progress: Optional[Any] = None, on_logits: Optional[Callable] = None) -> torch.Tensor:
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, examples, top-1, top-5 correct
+def _evaluate_loader(model: nn.Module, evaluator: Any, loader: Iterable, device: torch.device,
+                     autocast: Callable[[], ContextManager], channels_last: bool, max_samples: Optional[int],
+                     input_size: Optional[int] = None, progress: Optional[Any] = None,
+                     on_logits: Optional[Callable] = None) -> None:
     seen = 0
     was_training = model.training
     model.eval()
@@ -96,13 +143,12 @@ def _loader_totals(model: nn.Module, loader: Iterable, device: torch.device, aut
             keep = _kept(output.shape[0], seen, max_samples)
             seen += keep
             if keep:
-                totals += _batch_totals(output[:keep], y[:keep])
+                evaluator.update(output[:keep], y[:keep])
                 if on_logits is not None:
                     on_logits(output[:keep], y[:keep])
             _report(progress, 1)
     finally:
         model.train(was_training)
-    return totals
 
 
 @torch.no_grad()
@@ -119,10 +165,9 @@ def validate(
 
     `max_samples` drops the padding a distributed sampler adds, counted per rank in order.
     """
-    totals = _loader_totals(model, loader, device, autocast, channels_last, max_samples)
-    if distributed:
-        torch.distributed.all_reduce(totals)
-    metrics = _metrics(totals)
+    evaluator = _evaluator(torch.device(device))
+    _evaluate_loader(model, evaluator, loader, device, autocast, channels_last, max_samples)
+    metrics = evaluator.compute(distributed=distributed)
     return {k: metrics[k] for k in ('loss', 'top1', 'top5')}
 
 
@@ -217,25 +262,37 @@ def _check_routes(stages: Sequence[Stage], routes: Sequence[Route]) -> None:
         _check_plan(stages, SubnetPlan(tuple(tuple(sorted(k)) for k in blocks)))
 
 
+def _host_batches(batches: Iterable[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """The calibration images kept in host memory (pinned for asynchronous copies to a GPU), so that only
+    the batch in use is on the device."""
+    pin = device.type == 'cuda'
+    return [x.cpu().pin_memory() if pin else x.cpu() for x in batches]
+
+
 @torch.no_grad()
 def _evaluate_each(model, stages, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
-                   progress, on_logits) -> torch.Tensor:
-    """The reference: each route on its own, the model's own forward under `use_subnet`."""
-    calib_images = list(calib) if bn == 'recalibrate' else []
+                   progress, on_logits) -> List[Any]:
+    """The reference: each route on its own, the model's own forward under `use_subnet`. The calibration
+    images (the same for every route) stay in host memory and are streamed to the device per batch."""
+    calib_images = _host_batches(calib, device) if bn == 'recalibrate' else []
     if bn == 'recalibrate' and not calib_images:
         raise ValueError(_NO_CALIBRATION)
-    totals = torch.zeros(len(routes), 4, dtype=torch.float64, device=device)
+    evaluators = [_evaluator(device) for _ in routes]
     for i, (blocks, size) in enumerate(routes):
         with _blocks_in_order(stages, blocks), (_own_statistics(model) if calib_images else nullcontext()):
             if calib_images:
-                with calibration_mode(model):
-                    for x in calib_images:
+                with calibration_mode(model) as norms:
+                    for k, x in enumerate(calib_images):
+                        cumulative_momentum(norms, k)
+                        x = x.to(device, non_blocking=True)
+                        if channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
                         with autocast():
                             model(resize_input(x, size))
                         _report(progress, 1)
-            totals[i] = _loader_totals(model, loader, device, autocast, channels_last, max_samples, size, progress,
-                                       None if on_logits is None else lambda out, y, i=i: on_logits(i, out, y))
-    return totals
+            _evaluate_loader(model, evaluators[i], loader, device, autocast, channels_last, max_samples, size,
+                             progress, None if on_logits is None else lambda out, y, i=i: on_logits(i, out, y))
+    return evaluators
 
 
 def _verify_split(model, split, stages, x, autocast) -> None:
@@ -256,10 +313,10 @@ def _verify_split(model, split, stages, x, autocast) -> None:
 
 @torch.no_grad()
 def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
-                   progress, on_logits) -> torch.Tensor:
+                   progress, on_logits) -> List[Any]:
     tree = PrefixTree(routes)
     runner = TreeRunner(model, split, stages, tree)
-    totals = torch.zeros(len(routes), 4, dtype=torch.float64, device=device)
+    evaluators = [_evaluator(device) for _ in routes]
     eval_batches = iter(loader)
     if bn == 'recalibrate':
         calib = iter(calib)
@@ -288,16 +345,16 @@ def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, auto
             if keep:
                 def on_leaf(ids, logits, y=y[:keep], keep=keep):
                     with torch.autocast(device.type, enabled=False):
-                        t = _batch_totals(logits[:keep], y)
-                    for i in ids:
-                        totals[i] += t
-                        if on_logits is not None:
+                        for i in ids:
+                            evaluators[i].update(logits[:keep], y)
+                    if on_logits is not None:
+                        for i in ids:
                             on_logits(i, logits[:keep], y)
 
                 with autocast():
                     runner.run(x, on_leaf)
             _report(progress, len(routes))
-    return totals
+    return evaluators
 
 
 def evaluate_routes(
@@ -344,15 +401,16 @@ def evaluate_routes(
     if chosen == 'each' and method == 'auto':
         _logger.info(f'Evaluating {len(routes)} sub-networks one by one: {reason}')
 
-    def calib():
-        return calibration_batches(calib_loader, calib_images, device, channels_last) if bn == 'recalibrate' else None
+    def calib(where: torch.device, channels_last: bool):
+        return calibration_batches(calib_loader, calib_images, where, channels_last) if bn == 'recalibrate' else None
 
     args = (loader, device, bn)
     rest = (autocast, channels_last, max_samples, progress, on_logits)
-    with _all_modes_kept(model):
+    with _all_modes_kept(model), eager_blocks(model):  # blocks compiled in place would add graphs (module docstring)
         if chosen == 'tree':
             try:
-                totals = _evaluate_tree(model, stages, tree_split(model), routes, *args, calib(), *rest)
+                evaluators = _evaluate_tree(model, stages, tree_split(model), routes, *args,
+                                            calib(device, channels_last), *rest)
             except SplitMismatch as e:
                 if method == 'tree':
                     raise
@@ -360,10 +418,8 @@ def evaluate_routes(
                 info.update(method='each', reason=str(e), block_evaluations_per_batch=each_blocks)
                 chosen = 'each'
         if chosen == 'each':
-            totals = _evaluate_each(model, stages, routes, *args, calib(), *rest)
-    if distributed:
-        torch.distributed.all_reduce(totals)
-    return [_metrics(t) for t in totals]
+            evaluators = _evaluate_each(model, stages, routes, *args, calib(torch.device('cpu'), False), *rest)
+    return _results(evaluators, distributed)
 
 
 def evaluate_plans(model: nn.Module, plans: Sequence[SubnetPlan], loader: Iterable, device: torch.device,

@@ -29,7 +29,8 @@ import torch.nn as nn
 from timm.utils.model import unwrap_model
 
 from ..method.adapters import _ADAPTERS, Stage, subnet_stages
-from ..method.batchnorm import _stat_norms
+from ..method.backends import eager_blocks
+from ..method.batchnorm import _stat_norms, cumulative_momentum
 from ..method.plan import resize_input
 
 __all__ = [
@@ -236,8 +237,9 @@ class TreeRunner:
     def calibrate(self, batches: Iterable[torch.Tensor], autocast: Callable[[], ContextManager] = nullcontext,
                   after_batch: Optional[Callable[[], None]] = None) -> None:
         """Accumulate every node's own norm statistics over `batches` (one tree pass per batch)."""
-        with calibration_mode(self.model), self.node_statistics(create=True):
-            for x in batches:
+        with calibration_mode(self.model) as norms, self.node_statistics(create=True):
+            for k, x in enumerate(batches):  # every node sees every batch once: k batches before this one
+                cumulative_momentum(norms, k)
                 with autocast():
                     self.run(x)
                 if after_batch is not None:
@@ -277,10 +279,11 @@ def fresh_statistics(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 @contextmanager
-def calibration_mode(model: nn.Module) -> Iterator[None]:
-    """Within the block, norm layers with running statistics are in train mode with momentum None
-    (an equal-weight average over batches, as `recalibrate_bn`), every other module in eval mode
-    (dropout and drop-path off: statistics of the network as it is evaluated). Restored on exit."""
+def calibration_mode(model: nn.Module) -> Iterator[List[nn.Module]]:
+    """Within the block, norm layers with running statistics are in train mode, every other module in eval
+    mode (dropout and drop-path off: statistics of the network as it is evaluated), and blocks compiled in
+    place run eagerly. Yields the norm layers: call `cumulative_momentum(norms, k)` before calibration batch
+    k for an equal-weight average over batches, as `recalibrate_bn`. Restored on exit."""
     norms = _stat_norms(model)
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
@@ -289,8 +292,8 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
             m.training = False
         for m in norms:
             m.training = True
-            m.momentum = None
-        yield
+        with eager_blocks(model):
+            yield norms
     finally:
         for m, momentum in momenta:
             m.momentum = momentum

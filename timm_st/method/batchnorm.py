@@ -1,16 +1,35 @@
 """BatchNorm handling for sub-network passes, and re-estimation of running statistics."""
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ['frozen_running_stats', 'recalibrate_bn']
+from .backends import eager_blocks
+
+__all__ = ['frozen_running_stats', 'recalibrate_bn', 'cumulative_momentum']
 
 
 def _stat_norms(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile` wrapper holds (the model itself when not wrapped)."""
+    return getattr(model, '_orig_mod', model)
+
+
+def cumulative_momentum(norms: Iterable[nn.Module], batches_seen: int) -> None:
+    """Set the momentum of `norms` for the next batch so that, from reset statistics, their running
+    statistics become the equal-weight average of the batches: 1 / (k + 1) before batch k (0-based).
+
+    This is what `momentum=None` computes, but from a count kept on the host: with `momentum=None` every
+    norm layer converts its `num_batches_tracked` tensor to a Python float on every batch (a host-device
+    sync per layer per batch, and a value dynamo would guard on)."""
+    momentum = 1.0 / (batches_seen + 1)
+    for m in norms:
+        m.momentum = momentum
 
 
 @contextmanager
@@ -38,13 +57,14 @@ def recalibrate_bn(
     """Re-estimate the running statistics of the norm layers of `model` (or of several models, e.g. the live
     model and its EMA, from the same images in one pass) on `num_images` training images.
 
-    Statistics are reset and re-accumulated as an equal-weight average over batches
-    (momentum=None), with the full network in train mode, as the authors do before each
-    validation. Returns the number of images used. Each batch goes to the device of each model's
-    parameters (`device` if given). In distributed runs each rank estimates on its own shard;
-    reduce afterwards (timm's `distribute_bn`) to make ranks agree.
+    Statistics are reset and re-accumulated as an equal-weight average over batches, with the full
+    network in train mode, as the authors do before each validation. Returns the number of images used.
+    Each batch goes to the device of each model's parameters (`device` if given). In distributed runs
+    each rank estimates on its own shard; reduce afterwards (timm's `distribute_bn`) to make ranks agree.
+    Blocks compiled in place run eagerly here (no graphs are added for re-estimation), and nothing is
+    read back from the device per batch (`cumulative_momentum`).
     """
-    models = [model] if isinstance(model, nn.Module) else list(model)
+    models = [_uncompiled(each) for each in ([model] if isinstance(model, nn.Module) else model)]
     norms = [m for each in models for m in _stat_norms(each)]
     if not norms or num_images <= 0:
         return 0
@@ -54,19 +74,22 @@ def recalibrate_bn(
     devices = [device or next(each.parameters(), torch.empty(0)).device for each in models]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None
     for each in models:
         each.train()
     seen = 0
     try:
-        for batch in loader:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            for each, where in zip(models, devices):
-                with autocast():
-                    each(x.to(where))
-            seen += x.shape[0]
-            if seen >= num_images:
-                break
+        with ExitStack() as stack:
+            for each in models:
+                stack.enter_context(eager_blocks(each))
+            for k, batch in enumerate(loader):
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                cumulative_momentum(norms, k)
+                for each, where in zip(models, devices):
+                    with autocast():
+                        each(x.to(where))
+                seen += x.shape[0]
+                if seen >= num_images:
+                    break
         if seen == 0:
             raise ValueError('recalibrate_bn: the loader produced no images; running statistics left unchanged')
     except BaseException:

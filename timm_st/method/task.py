@@ -32,6 +32,9 @@ from timm.task import TrainingTask
 from timm.utils import distribute_bn
 
 from .adapters import Stage, subnet_stages, use_subnet, stage_depths
+from .backends import (
+    BlockGraphBudget, block_compile_options, check_compile_mode, subnet_cudnn_autotune,
+)
 from .batchnorm import frozen_running_stats, recalibrate_bn
 from .config import StimulativeConfig
 from .losses import normalize_logits
@@ -41,26 +44,6 @@ from .sampling import OrderedSubnetSampler, RandomSubnetSampler, resolve_sample_
 __all__ = ['StimulativeTask']
 
 _logger = logging.getLogger(__name__)
-
-
-# Calling contexts in which a compiled block runs, each with its own graph (dynamo guards on BatchNorm
-# flags, train/eval mode and grad mode): sub-network pass (running statistics frozen), BatchNorm
-# re-estimation (momentum None, no grad), and a directly called model in evaluation or training.
-_BLOCK_CONTEXTS = 4
-# Shape buckets per block and context under dynamic shapes: dynamo specialises a dimension of size 1,
-# so a block whose input has a side (or batch) of 1 gets one more graph; every other size shares one.
-_SHAPE_BUCKETS = 2
-_requested_recompiles = 0  # graphs all compile() calls may need (dynamo's limit counts per code object)
-
-
-def block_kinds(stages: Iterable[Stage]) -> int:
-    """Distinct block kinds of the stages: blocks whose module trees print alike (class, widths, strides,
-    drop rates) trace to the same graphs, so compiled code is shared between them (dynamo inlines
-    modules without guarding their identity; before torch 2.5 it does guard it: every block is a kind)."""
-    blocks = [block for stage in stages for block in stage.container._modules.values()]
-    if torch.__version__ < '2.5':
-        return len(blocks)
-    return len({repr(block) for block in blocks})
 
 
 class _ModelRunner(nn.Module):
@@ -77,16 +60,6 @@ class _ModelRunner(nn.Module):
         return self.module(x) if subnet else self.main(x)
 
 
-def _raise_recompile_limit(graphs: int) -> None:
-    """Let dynamo keep `graphs` more graphs of one compiled function (it counts per code object, and
-    every in-place compiled module shares `nn.Module._call_impl`); past the limit it would run eagerly."""
-    global _requested_recompiles
-    _requested_recompiles += graphs
-    config = torch._dynamo.config
-    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
-    setattr(config, name, max(getattr(config, name), _requested_recompiles))
-
-
 class _SubnetStep:
     """What one step's sub-network passes need, captured at forward time."""
 
@@ -94,7 +67,9 @@ class _SubnetStep:
         self.task = task
         self.x = x
         self.target = target
-        self.teacher = teacher
+        # a copy: the logits may be a compiled graph's output, which a later replay of that graph (CUDA
+        # graphs) can overwrite in place while the sub-network passes still read the teacher
+        self.teacher = teacher.clone()
         self.plans = plans
         self.coef = coef
         self.device_type = x.device.type
@@ -103,8 +78,12 @@ class _SubnetStep:
 
     def run(self, grad: torch.Tensor) -> None:
         task = self.task
+        budget = getattr(task, '_block_budget', None)  # set by compile()
+        if budget is not None:
+            budget.admit({plan.input_size or self.x.shape[-2] for plan in self.plans})
         losses = []
-        with torch.enable_grad(), torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast):
+        with torch.enable_grad(), torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast), \
+                subnet_cudnn_autotune(task.config):
             for i, plan in enumerate(self.plans):
                 last = i == len(self.plans) - 1
                 x = resize_input(self.x, plan.input_size)
@@ -302,23 +281,38 @@ class StimulativeTask(TrainingTask):
         copy made afterwards is an eager copy).
 
         `use_subnet` narrows the stage containers, which run eagerly, so every sub-network runs the
-        same compiled blocks, and with dynamic shapes (`dynamic=True` for the blocks) every size ST++
-        draws shares their graphs. Block compilations are bounded by `block_kinds(stages) x 4 contexts
-        (sub-network pass, BatchNorm re-estimation, evaluation and training of a directly called model)
-        x 2 shape buckets (some input dimension of size 1, or none)`, whatever plans and sizes are
-        drawn; the whole-model graph adds one per context and input shape (dynamo's automatic dynamic
-        shapes after the second). Dynamo's recompile limit is raised to the block bound. Other keyword
-        arguments go to `torch.compile` for both.
+        same compiled blocks, with dynamic shapes (`dynamic=True` for the blocks). Block compilations are
+        bounded by `block_graph_bound(stages)` = `block_kinds(stages) x 4 contexts (sub-network pass; the
+        model called directly in train mode with gradients, in train mode without, in eval mode) x 3 shape
+        buckets (a feature-map side of 1 at a block's input, or inside it, or neither)`, whatever plans are
+        drawn, for a compiler that keeps sizes symbolic; inductor specialises block graphs on the feature-map
+        side, so with it the bound holds per distinct sub-network input side (`BlockGraphBudget`;
+        `input_size_multiple` bounds the sides). The package's sub-network evaluation and BatchNorm
+        re-estimation run the blocks eagerly
+        and add none. The whole-model graph adds one per context and input shape (dynamo's automatic
+        dynamic shapes after the second). Dynamo's recompile limits (per function and total) are raised to
+        match, per side drawn, so compiled code never falls back to eager silently.
+
+        Every mode is accepted (`check_compile_mode` refuses unknown ones first): a mode with CUDA graphs
+        applies to the whole-model graph; the blocks get the same options without CUDA graphs (see
+        `timm_st.method.backends`). Other keyword arguments go to `torch.compile` for both.
         """
+        check_compile_mode(backend, mode)
+        cfg = self.config
+        if backend == 'inductor' and self.stages is not None and cfg.input_scale is not None \
+                and cfg.input_size_multiple == 1 and self.verbose:
+            _logger.info('compile(): inductor compiles the sub-network blocks once per input side drawn; '
+                         'stimulative.input_size_multiple (e.g. 8) bounds the number of sides')
         compiled = torch.compile(self.model, backend=backend, mode=mode, **compile_kwargs)
         object.__setattr__(self._runner, 'main', compiled)
         self.eval_model = compiled
         if self.stages is not None:
-            _raise_recompile_limit(block_kinds(self.stages) * _BLOCK_CONTEXTS * _SHAPE_BUCKETS)
-            block_kwargs = {'dynamic': True, **compile_kwargs}
+            self._block_budget = BlockGraphBudget(self.stages)  # dynamo's limits, raised per side drawn
+            block_mode, block_options = block_compile_options(backend, mode, compile_kwargs.get('options'))
+            block_kwargs = {'dynamic': True, **compile_kwargs, 'options': block_options}
             for stage in self.stages:
                 for block in stage.container._modules.values():
-                    block.compile(backend=backend, mode=mode, **block_kwargs)
+                    block.compile(backend=backend, mode=block_mode, **block_kwargs)
         return compiled
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'StimulativeTask':
