@@ -11,51 +11,21 @@ elements are non-zero, and the wrong decision (sub-networks or not) would be far
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from timm.task import resume_task_checkpoint
 
-from conftest import FixedSampler
+from conftest import FixedSampler, assert_nontrivial_grads, batch, clone, subnet_forward
 from timm_st import StimulativeConfig, StimulativeTask, SubnetPlan
 from timm_st.method.config import describe_method
 from timm_st.method.losses import dkd_loss
 
-SIZE = 64  # resnet18's layer4 runs on 2x2 maps
+# resnet18 (the `resnet` fixture: stage depths 2, 2, 2, 2, every residual branch active) at 64 px
 PLANS = [SubnetPlan.prefix((1, 2, 1, 1)), SubnetPlan.from_masks([[1, 1], [1, 0], [1, 1], [1, 0]], input_size=48),
          SubnetPlan.prefix((2, 1, 2, 1), input_size=40)]
 
 
-@pytest.fixture(scope='module')
-def weights():
-    """resnet18 (stage depths 2, 2, 2, 2) with every residual branch active (`zero_init_last=False`)."""
-    torch.manual_seed(0)
-    return timm.create_model('resnet18', num_classes=7, zero_init_last=False).state_dict()
-
-
-def make_model(weights):
-    model = timm.create_model('resnet18', num_classes=7, zero_init_last=False)
-    model.load_state_dict(weights)
-    return model.train()
-
-
-def make_batch(seed, n=4, size=SIZE):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 7, (n,), generator=g)
-
-
-# --- the reference, by hand -------------------------------------------------------------------------------
-
-def subnet_logits(model, plan, x):
-    """The sub-network `plan` of a timm ResNet: resize, stem, kept blocks of each stage, average pool, fc."""
-    if plan.input_size is not None:
-        x = F.interpolate(x, size=(plan.input_size,) * 2, mode='bilinear', align_corners=False, antialias=True)
-    x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
-    for layer, kept in zip((model.layer1, model.layer2, model.layer3, model.layer4), plan.blocks):
-        for i in kept:
-            x = layer[i](x)
-    return model.fc(x.mean((2, 3)))
-
+# --- the reference, by hand (conftest's `subnet_forward` assembles a sub-network from the model's modules) ---
 
 def kl(student, teacher):
     """KL(softmax(teacher) || softmax(student)), averaged over the images (temperature 1)."""
@@ -78,7 +48,7 @@ def reference_parts(model, x, y, plans, n, loss=None):
     main = param_grads(model)
     model.zero_grad(set_to_none=True)
     teacher = out.detach()[:n]
-    losses = [loss(subnet_logits(model, plan, x[:n]), teacher, y[:n]) for plan in plans]
+    losses = [loss(subnet_forward(model, plan, x[:n]), teacher, y[:n]) for plan in plans]
     sum(losses).backward()
     subnets = param_grads(model)
     model.zero_grad(set_to_none=True)
@@ -93,12 +63,6 @@ def rel_err(got, ref):
     num = sum(float((got[k] - ref[k]).pow(2).sum()) for k in ref)
     den = sum(float(ref[k].pow(2).sum()) for k in ref)
     return math.sqrt(num / den)
-
-
-def assert_mostly_nonzero(grads, min_nonzero=0.9):
-    total = sum(g.numel() for g in grads.values())
-    nonzero = sum(int(torch.count_nonzero(g)) for g in grads.values())
-    assert nonzero >= min_nonzero * total, f'only {nonzero / total:.1%} of the compared gradient elements are non-zero'
 
 
 def task_step(task, x, y, accum=1):
@@ -121,7 +85,7 @@ def check_step(task, ref_model, x, y, plans, coef, n, with_subnets, loss=None, a
     main, subnets, losses = reference_parts(ref_model, x, y, plans, n, loss)
     expected, other = (combine(main, subnets, coef), main) if with_subnets else (main, combine(main, subnets, coef))
     got = {k: v * accum for k, v in param_grads(task.model).items()}  # the loop divided the loss by accum
-    assert_mostly_nonzero(expected)
+    assert_nontrivial_grads(expected)
     assert rel_err(other, expected) > 1000 * TOL, 'the test could not tell the two decisions apart'
     assert rel_err(got, expected) < TOL
     if with_subnets:
@@ -133,18 +97,18 @@ def check_step(task, ref_model, x, y, plans, coef, n, with_subnets, loss=None, a
 
 # --- subnet_interval --------------------------------------------------------------------------------------
 
-def test_interval_runs_subnets_on_every_kth_step_of_the_run(weights):
+def test_interval_runs_subnets_on_every_kth_step_of_the_run(resnet):
     """interval 3 over two epochs of 4 and 3 steps, with a no-grad call in between: sub-networks on the run's
     steps 0, 3 and 6 only (the phase carries over the epoch boundary; no-grad calls are not steps)."""
     coef = 0.7
-    task = StimulativeTask(make_model(weights), {'num_subnets': 2, 'coef': coef, 'subnet_interval': 3},
+    task = StimulativeTask(clone(resnet), {'num_subnets': 2, 'coef': coef, 'subnet_interval': 3},
                            sampler=FixedSampler(PLANS[:2]), verbose=False)
-    ref_model = make_model(weights)
+    ref_model = clone(resnet)
     step = 0
     for epoch, steps in enumerate((4, 3)):
         task.set_epoch(epoch)
         for _ in range(steps):
-            x, y = make_batch(seed=step)
+            x, y = batch(seed=step)
             check_step(task, ref_model, x, y, PLANS[:2], coef, n=4, with_subnets=step % 3 == 0)
             step += 1
             if step == 2:
@@ -153,28 +117,28 @@ def test_interval_runs_subnets_on_every_kth_step_of_the_run(weights):
     assert task.sampler.calls == 2 * 3 and task.train_steps == 7
 
 
-def test_interval_counts_micro_batches_under_accumulation(weights):
+def test_interval_counts_micro_batches_under_accumulation(resnet):
     """A step is a micro-batch: with 2 micro-batches per optimizer step and interval 2, the first micro-batch
     of each optimizer step has sub-networks, the second does not (the loop divides each loss by 2)."""
-    task = StimulativeTask(make_model(weights), {'num_subnets': 1, 'subnet_interval': 2},
+    task = StimulativeTask(clone(resnet), {'num_subnets': 1, 'subnet_interval': 2},
                            sampler=FixedSampler(PLANS[1:2]), verbose=False)
-    ref_model = make_model(weights)
+    ref_model = clone(resnet)
     for micro in range(4):
-        x, y = make_batch(seed=10 + micro)
+        x, y = batch(seed=10 + micro)
         check_step(task, ref_model, x, y, PLANS[1:2], 1.0, n=4, with_subnets=micro % 2 == 0, accum=2)
 
 
-def test_interval_with_start_epoch_and_fraction(weights):
+def test_interval_with_start_epoch_and_fraction(resnet):
     """start_epoch 1, interval 2, fraction 0.5 on batches of 5, resized sub-network inputs: epoch 0 (steps 0-2)
     has none; in epoch 1 the run's even steps (4) have sub-networks on the first 3 images, the odd (3, 5) none."""
     config = {'num_subnets': 2, 'coef': 0.5, 'subnet_interval': 2, 'subnet_batch_fraction': 0.5, 'start_epoch': 1}
-    task = StimulativeTask(make_model(weights), config, sampler=FixedSampler(PLANS[1:]), verbose=False)
-    ref_model = make_model(weights)
+    task = StimulativeTask(clone(resnet), config, sampler=FixedSampler(PLANS[1:]), verbose=False)
+    ref_model = clone(resnet)
     step = 0
     for epoch in (0, 1):
         task.set_epoch(epoch)
         for _ in range(3):
-            x, y = make_batch(seed=20 + step, n=5)
+            x, y = batch(seed=20 + step, n=5)
             check_step(task, ref_model, x, y, PLANS[1:], 0.5, n=3, with_subnets=epoch == 1 and step % 2 == 0)
             step += 1
 
@@ -189,16 +153,16 @@ def test_subnet_batch_size_is_ceil_of_fraction(fraction, batch_size, n):
 
 
 @pytest.mark.parametrize('loss', ['kl', 'dkd'])
-def test_fraction_losses_on_first_images_teacher_and_targets_alike(weights, loss):
+def test_fraction_losses_on_first_images_teacher_and_targets_alike(resnet, loss):
     """fraction 0.5 of a batch of 6: each sub-network loss is the mean over images 0-2, against the full network's
     logits and (dkd uses them) the targets of images 0-2."""
     ref_loss = (lambda s, t, y: kl(s, t)) if loss == 'kl' else (lambda s, t, y: dkd_loss(s, t, y, 1.0))
-    task = StimulativeTask(make_model(weights), {'num_subnets': 2, 'coef': 0.8, 'loss': loss,
+    task = StimulativeTask(clone(resnet), {'num_subnets': 2, 'coef': 0.8, 'loss': loss,
                                                  'subnet_batch_fraction': 0.5},
                            sampler=FixedSampler(PLANS), verbose=False)
-    ref_model = make_model(weights)
+    ref_model = clone(resnet)
     for step in range(2):
-        x, y = make_batch(seed=30 + step, n=6)
+        x, y = batch(seed=30 + step, n=6)
         plans = [PLANS[(2 * step) % 3], PLANS[(2 * step + 1) % 3]]
         check_step(task, ref_model, x, y, plans, 0.8, n=3, with_subnets=True, loss=ref_loss)
 
@@ -213,24 +177,24 @@ def recorded_run(task, seeds):
     record = []
     for seed in seeds:
         before = len(drawn)
-        subnet_loss = task_step(task, *make_batch(seed, n=2, size=32))
+        subnet_loss = task_step(task, *batch(seed=seed, n=2, size=32))
         record.append((subnet_loss is not None, drawn[before:]))
     task.sampler.sample = sample
     return record
 
 
-def test_resume_continues_interval_phase_and_plans(weights, tmp_path):
+def test_resume_continues_interval_phase_and_plans(resnet, tmp_path):
     """Task state saved after step 4 and loaded into a fresh task: steps 4-9 run sub-networks on the same steps
     (interval 3: 6 and 9) with the same plans as an uninterrupted run."""
     config = {'num_subnets': 1, 'subnet_interval': 3, 'input_scale': [0.5, 1.0], 'seed': 5}
-    full = recorded_run(StimulativeTask(make_model(weights), config, verbose=False), range(10))
+    full = recorded_run(StimulativeTask(clone(resnet), config, verbose=False), range(10))
     assert [ran for ran, _ in full] == [i % 3 == 0 for i in range(10)]
 
-    first = StimulativeTask(make_model(weights), config, verbose=False)
+    first = StimulativeTask(clone(resnet), config, verbose=False)
     assert recorded_run(first, range(4)) == full[:4]
     path = tmp_path / 'checkpoint.pth.tar'
     torch.save({'epoch': 0, 'version': 2, **first.get_checkpoint_state()}, path)
-    resumed = StimulativeTask(make_model(weights), config, verbose=False)
+    resumed = StimulativeTask(clone(resnet), config, verbose=False)
     resume_task_checkpoint(resumed, str(path), log_info=False)
     assert resumed.train_steps == 4
     assert recorded_run(resumed, range(4, 10)) == full[4:]

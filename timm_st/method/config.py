@@ -175,12 +175,12 @@ DESCRIPTIONS = {
     'bn': 'freeze: sub-network passes leave BatchNorm running statistics untouched; update: they update them',
     'recalibrate_bn': 'training images used to re-estimate BatchNorm statistics before each validation (0 = off)',
     'seed': 'seed of the sub-network sampler (the same on every rank)',
-    'subnet_interval': 'sub-networks only on every k-th training step: steps 0, k, 2k, ... of the run (a step is '
-                       'one micro-batch, one optimizer step without gradient accumulation; counted on every rank '
-                       'alike and saved in checkpoints); the other steps train the full network alone. coef is '
-                       'kept, not multiplied by k: each sub-network loss weighs coef as on every ST step (as '
-                       'num_subnets sums), gradient clipping and the logged losses see the same scale as ST; for the '
-                       'same expected stimulus per step as ST, set coef to k times its value (1 = every step)',
+    'subnet_interval': 'sub-networks only on training steps 0, k, 2k, ... of the run (a step is one micro-batch: one '
+                       'optimizer step without gradient accumulation; counted alike on every rank, saved in '
+                       'checkpoints); the other steps train the full network alone. coef is kept, not multiplied by '
+                       'k: each sub-network loss weighs coef as on an ST step, so gradient clipping and the logged '
+                       'losses see ST\'s scale; coef: k * c gives the expected stimulus per step of coef: c on '
+                       'every step (1 = every step)',
     'subnet_batch_fraction': 'sub-networks see only the first ceil(f * B) images of each batch of B (the loaders '
                              'shuffle, so a uniform random subset), their losses averaged over those images and '
                              'compared with the full network\'s prediction and targets of the same images: an unbiased '
