@@ -46,8 +46,8 @@ def batch_normalized(m, x):
 
 
 def running_normalized(m, x, mean, var):
-    return (x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + EPS).sqrt() * m.weight.view(1, -1, 1, 1) \
-        + m.bias.view(1, -1, 1, 1)
+    scale = m.weight / (var + EPS).sqrt()
+    return (x - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + m.bias.view(1, -1, 1, 1)
 
 
 def _norms(model):
@@ -93,6 +93,9 @@ def check_freeze(model, momentum=0.1):
         m = norms[name]
         torch.testing.assert_close(out, batch_normalized(m, x), rtol=1e-4, atol=1e-4,
                                    msg=lambda msg: f'pass {pass_index} {name}: not batch statistics: {msg}')
+        by_running = running_normalized(m, x, m.running_mean, m.running_var)
+        assert (by_running - out).abs().max() > 0.1, f'{name}: the two normalisations agree here: the check shows nothing'
+
     after = _buffers(model)
     for name in before:  # running statistics: the main pass's update, nothing from the sub-networks
         assert torch.equal(after[name], before[name]), name

@@ -61,7 +61,7 @@ def test_normalize_logits_equals_definition(norm, amplitude):
     check_normalization(norm, amplitude)
 
 
-def test_kl_is_zero_only_for_equal_distributions():
+def test_kl_and_dkd_vanish_only_for_equal_distributions():
     """KL(t || s) >= 0, = 0 for s = t (also shifted by a constant: same softmax); dkd likewise."""
     student, teacher, target = logits()
     for name in ('kl', 'dkd'):
