@@ -123,8 +123,8 @@ def test_gradient_check_fails_on_wrong_step(resnet, monkeypatch, mutation):
 
 def test_gradients_bf16_autocast(resnet):
     """bf16 rounding makes per-tensor comparisons noisy (fp32-level differences in the loss flip bf16 roundings,
-    ~1e-2 on the smallest BatchNorm gradients), so all gradients are compared as one vector: ~1e-2 here, while
-    wrong sub-network gradients (e.g. residual branches x5) differ by ~0.3."""
+    ~3e-2 on the smallest BatchNorm gradients), so all gradients are compared as one vector: 1.2e-2 here, 0.55
+    with the residual branches' sub-network gradients x5."""
     config = {'num_subnets': 2, 'loss': 'kl_direction'}
     ref_model = clone(resnet)
     batches = [batch()]
