@@ -1,6 +1,7 @@
 """`timm-st publish`: a tiny trained run exported with --local-dir loads in plain timm (no timm_st) with the
 same logits; the card holds the run's numbers and recipe; EMA / plain and best / last choose the weights;
 every error is clean. Pushing is tested against a stand-in for `huggingface_hub.HfApi` (no network)."""
+import inspect
 import json
 import os
 import shutil
@@ -174,7 +175,7 @@ def test_card_holds_numbers_recipe_and_metadata(st_run, tmp_path):
     results = json.loads((st_run / 'results.json').read_text())
     checkpoint = load_checkpoint(st_run / 'model_best.pth.tar')
     row = [r for r in summary_rows(st_run) if int(r['epoch']) == checkpoint['epoch']][0]
-    assert f'**{float(row["eval_top1"]):.2f}**' in body and f'{float(row["eval_top5"]):.2f}' in body
+    assert f'**{float(row["eval_top1"]):.2f}**' in body  # (top-5 of 3 classes is 100% whatever the weights)
     for bn in ('running', 'recalibrate'):
         subnets = results['subnets'][bn]
         assert f'{subnets["top1_mean"]:.2f} +- {subnets["top1_std"]:.2f}' in body
@@ -322,9 +323,15 @@ def test_ema_without_ema_weights(ct_cifar_run, tmp_path, capsys):
     _fails([ct_cifar_run, '--local-dir', tmp_path / 'out', '--ema'], capsys, 'holds no EMA weights', tmp_path / 'out')
 
 
-def test_needs_a_destination(st_run, capsys):
-    assert main([str(st_run)]) == 2
-    assert '--repo-id' in capsys.readouterr().err
+def test_local_dir_that_is_or_is_inside_a_file(st_run, tmp_path, capsys):
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('mine')
+    for dest in (a_file, a_file / 'export'):
+        assert main([str(st_run), '--local-dir', str(dest)]) == 2  # bad input, not a traceback
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('timm-st publish: error: --local-dir') and 'is a file, not a folder' in err, err
+        assert len(err.splitlines()) == 1
+    assert a_file.read_text() == 'mine' and no_leftovers(tmp_path) == []
 
 
 def test_existing_local_dir_needs_overwrite(st_run, tmp_path, capsys):
@@ -361,35 +368,45 @@ def test_failure_while_writing_leaves_nothing(st_run, tmp_path, capsys, monkeypa
 # --------------------------------------------------------------------------------------------------
 # pushing, against a stand-in for HfApi (no network)
 
+_REAL_API = huggingface_hub.HfApi
+
+
 class FakeApi:
+    """A stand-in for `huggingface_hub.HfApi` that records its calls; every call is bound to the real method's
+    signature first, so a keyword or argument the installed huggingface_hub does not take fails as it would."""
     exists = False
     fail = None  # (method name, exception)
     calls = []
 
-    def __init__(self, token=None, **kwargs):
-        self.calls.append(('init', token))
+    def __init__(self, *args, **kwargs):
+        self.calls.append(('init', self._bind('__init__', args, kwargs)['token']))
 
-    def _maybe_fail(self, name):
+    def _bind(self, name, args, kwargs):
+        bound = inspect.signature(getattr(_REAL_API, name)).bind(self, *args, **kwargs)  # TypeError as the real one
+        bound.apply_defaults()
         if self.fail and self.fail[0] == name:
             raise self.fail[1]
+        return bound.arguments
 
-    def repo_exists(self, repo_id, repo_type=None):
-        self._maybe_fail('repo_exists')
-        self.calls.append(('repo_exists', repo_id))
+    def repo_exists(self, *args, **kwargs):
+        a = self._bind('repo_exists', args, kwargs)
+        self.calls.append(('repo_exists', a['repo_id']))
         return self.exists
 
-    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
-        self._maybe_fail('create_repo')
-        self.calls.append(('create_repo', repo_id, private, exist_ok))
-        return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
+    def create_repo(self, *args, **kwargs):
+        a = self._bind('create_repo', args, kwargs)
+        self.calls.append(('create_repo', a['repo_id'], a['private'], a['exist_ok']))
+        return huggingface_hub.RepoUrl(f'https://huggingface.co/{a["repo_id"]}')
 
-    def create_branch(self, repo_id, branch, exist_ok=False, repo_type=None):
-        self.calls.append(('create_branch', repo_id, branch))
+    def create_branch(self, *args, **kwargs):
+        a = self._bind('create_branch', args, kwargs)
+        self.calls.append(('create_branch', a['repo_id'], a['branch']))
 
-    def upload_folder(self, repo_id, folder_path, **kwargs):
-        self._maybe_fail('upload_folder')
-        files = {name: (Path(folder_path) / name).read_bytes() for name in sorted(os.listdir(folder_path))}
-        self.calls.append(('upload_folder', repo_id, files, kwargs))
+    def upload_folder(self, *args, **kwargs):
+        a = self._bind('upload_folder', args, kwargs)
+        folder = Path(a['folder_path'])
+        files = {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+        self.calls.append(('upload_folder', a['repo_id'], files, a))
 
 
 @pytest.fixture
@@ -397,7 +414,7 @@ def fake_hub(monkeypatch):
     class Api(FakeApi):
         calls = []
     monkeypatch.setattr(huggingface_hub, 'HfApi', Api)
-    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: 'hf_fake')
+    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: 'hf_fake')  # the real one takes no arguments
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     return Api
 
@@ -484,3 +501,29 @@ def test_exports_a_run_of_timm_train_py(tmp_path):
     assert 'Evaluated by `train.py` on the validation split' in card
     assert '| **Full network (published)** | EMA, epoch 2 | **60.00** | 100.00 |' in card
     assert '| Full network | plain' not in card  # train.py did not record the plain weights' accuracy
+
+
+UNREACHABLE_HUB = '''
+import logging, sys
+import huggingface_hub
+class Unreachable(huggingface_hub.HfApi):  # what huggingface_hub logs while it retries, then its error
+    def repo_exists(self, repo_id, **kwargs):
+        logging.getLogger('huggingface_hub.utils._http').warning(sys.argv[1])
+        raise ConnectionError('Failed to resolve huggingface.co (simulated)')
+huggingface_hub.HfApi = Unreachable
+from timm_st.commands.publish import main
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def test_hub_warnings_printed_once(st_run):
+    """An unreachable hub: each of huggingface_hub's retry warnings printed once (not also through the root handler
+    timm-st's console adds), then one error line and exit code 1 (the hub failed, not the input)."""
+    warning = "'[Errno 111] Connection refused' thrown while requesting HEAD (simulated) Retrying in 1s [Retry 1/5]."
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_TOKEN='hf_fake',
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get('PYTHONPATH')])))
+    proc = subprocess.run([sys.executable, '-c', UNREACHABLE_HUB, warning, str(st_run), '--repo-id', REPO],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count('Connection refused') == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith('timm-st publish: error: could not check whether')

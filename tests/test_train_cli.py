@@ -87,20 +87,35 @@ def test_resume_continues_epochs_and_subnet_sequence(tmp_path, image_folder):
                        _sampler_state(tmp_path / 'full' / 'last.pth.tar'))
 
 
-def test_results_json_subnets_equal_timm_st_analyze_of_the_run(tmp_path, image_folder):
+def test_results_json_subnets_equal_timm_st_analyze_of_the_run(tmp_path):
     """results.json and `timm-st analyze` of the same run report the same sub-networks with the same
-    accuracy (running statistics: no calibration images involved): they share the evaluation code."""
+    accuracy (running statistics: no calibration images involved): they share the evaluation code. The run
+    is trained on classes that overlap (30 validation images), so its sub-networks differ from its full network
+    in loss and top-1: the compared numbers are not one constant, and evaluating one network for every plan,
+    in that shared code, fails the test."""
+    import numpy as np
+    from PIL import Image
     from timm_st.commands.analyze import main as analyze_main
+    rng, data = np.random.RandomState(0), tmp_path / 'images'
+    for split, count in (('train', 8), ('validation', 10)):
+        for label in range(3):
+            (data / split / f'class{label}').mkdir(parents=True)
+            for i in range(count):  # brightness ranges of the classes overlap
+                pixels = (rng.randint(0, 120, (16, 16, 3)) + 40 * label).astype(np.uint8)
+                Image.fromarray(pixels).save(data / split / f'class{label}' / f'{i}.png')
     recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 1, 'sample_space': {'max_drop': [2, 2, 2]}})
-    run(['-c', recipe, '--data-dir', image_folder, '--output', tmp_path, '--experiment', 'run'] + BASE)
+    run(['-c', recipe, '--data-dir', data, '--output', tmp_path, '--experiment', 'run'] + BASE)
     results = json.loads((tmp_path / 'run' / 'results.json').read_text())
-    assert analyze_main([str(tmp_path / 'run'), '--data-dir', str(image_folder), '--checkpoint', 'last', '--subnets', '3',
+    assert analyze_main([str(tmp_path / 'run'), '--data-dir', str(data), '--checkpoint', 'last', '--subnets', '3',
                          '--bn', 'running', '--workers', '0', '--output', str(tmp_path / 'analysis')]) == 0
     analysis = json.loads((tmp_path / 'analysis' / 'analysis.json').read_text())
     entries = analysis['sources'][0]['subnets']
     assert entries[0]['depths'] == [3, 3, 3] and entries[0]['running']['top1'] == results['full']['top1']
     assert [e['depths'] for e in entries[1:]] == [e['depths'] for e in results['subnets']['subnets']]
     assert [e['running']['top1'] for e in entries[1:]] == [e['running']['top1'] for e in results['subnets']['subnets']]
+    full = entries[0]['running']  # not trivially equal: every sub-network is a network of its own
+    assert all(abs(e['running']['loss'] - full['loss']) > 1e-3 for e in entries[1:]), [e['running'] for e in entries]
+    assert any(e['running']['top1'] != full['top1'] for e in results['subnets']['subnets']), results['subnets']
 
 def test_resume_without_state_would_differ(tmp_path, image_folder):
     """The resume check above can fail: a fresh sampler ends elsewhere."""
