@@ -32,7 +32,8 @@ from ..method.batchnorm import _stat_norms, cumulative_momentum
 from ..method.plan import SubnetPlan, resize_input
 from ..method.sampling import resolve_sample_space
 from .tree import (
-    PrefixTree, Route, TreeRunner, calibration_batches, calibration_mode, fresh_statistics, tree_split, tree_supported,
+    CALIB_IMAGES, PrefixTree, Route, TreeRunner, calibration_batches, calibration_mode, fresh_statistics, tree_split,
+    tree_supported,
 )
 
 __all__ = [
@@ -365,7 +366,7 @@ def evaluate_routes(
         *,
         bn: str = 'running',
         calib_loader: Optional[Iterable] = None,
-        calib_images: int = 2000,
+        calib_images: int = CALIB_IMAGES,
         autocast: Callable[[], ContextManager] = nullcontext,
         channels_last: bool = False,
         max_samples: Optional[int] = None,

@@ -44,6 +44,8 @@ Route = Tuple[Blocks, Optional[int]]
 (None: the batch as it is). An ordered `SubnetPlan` gives `(plan.blocks, plan.input_size)`."""
 
 _STAT_BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked')
+# images each sub-network's BatchNorm statistics are re-estimated on by default (the authors use about 2,000)
+CALIB_IMAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,7 @@ class TreeRunner:
 
 @torch.no_grad()
 def recalibrated_statistics(model: nn.Module, routes: Sequence[Route], calib_loader: Iterable, device: torch.device,
-                            calib_images: int = 2000, autocast: Callable[[], ContextManager] = nullcontext,
+                            calib_images: int = CALIB_IMAGES, autocast: Callable[[], ContextManager] = nullcontext,
                             channels_last: bool = False) -> List[Dict[str, Dict[str, torch.Tensor]]]:
     """The BatchNorm statistics each route gets from one tree calibration pass, per norm layer it runs
     (by qualified name): what `evaluate_plans(bn='recalibrate')` evaluates it with."""

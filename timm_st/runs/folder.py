@@ -169,11 +169,6 @@ class RunFolder:
         return self.column(f'eval_{metric}') if ema == self.ema_validated else None
 
     @property
-    def epochs_done(self) -> int:
-        """Epochs recorded in summary.csv."""
-        return len(self.summary)
-
-    @property
     def finished(self) -> bool:
         return self.results is not None
 

@@ -235,7 +235,6 @@ class HookState:
         self.config = config
         self.task: Optional[nn.Module] = None
         self.train_loader: Optional[Iterable] = None
-        self.originals = {}
 
 
 def _runner(module: types.ModuleType) -> str:
@@ -385,7 +384,6 @@ def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional
             task.before_validate(state.train_loader, amp_autocast=bound.arguments['amp_autocast'])
         return original_validate(*a, **kw)
 
-    state.originals = {n: ns[n] for n in _MAIN_GLOBALS}
     ns['ClassificationTask'] = task_factory
     ns['train_one_epoch'] = train_one_epoch
     ns['validate'] = validate

@@ -14,14 +14,13 @@ import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Mapping, Optional
 
+from ..analysis.tree import CALIB_IMAGES
 from .errors import RunError
+from .folder import TIMM_ST_TRAIN
 
 __all__ = ['Option', 'Range', 'OPTIONS', 'option_names', 'build_parser', 'check_ranges', 'augmentation',
            'takes_value', 'LOCAL_KEYS', 'RUN_SCOPED', 'CALIB_IMAGES']
 
-# training images on which each sub-network's BatchNorm statistics are re-estimated (results.json and
-# `timm-st analyze --calib-images`; the authors re-estimate on about 2,000 images)
-CALIB_IMAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -204,7 +203,7 @@ def _stimulative_help() -> str:
     return '\n'.join(lines)
 
 
-def build_parser(prog: str = 'timm-st train') -> argparse.ArgumentParser:
+def build_parser(prog: str = TIMM_ST_TRAIN) -> argparse.ArgumentParser:
     """The command line of `timm-st train`: `-c RECIPE`, every option of the table, `--stimulative KEY=VALUE`."""
     parser = argparse.ArgumentParser(
         prog=prog, description='Train a timm model with a timm-st recipe (common or stimulative training).',
