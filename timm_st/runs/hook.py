@@ -110,9 +110,7 @@ def create_task(
     timm's `ClassificationTask` otherwise, so common-training recipes can name it too.
     """
     section = _section(args, task_kwargs)
-    if section is None:
-        return ClassificationTask(model=model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
-    config = _config(section, args)
+    config = _config(section, args) if section is not None else None
     return build_task(model, config, criterion, device, dtype, verbose, getattr(args, 'epochs', None))
 
 
