@@ -15,6 +15,7 @@ import torch
 from .digits import materialize_digits
 from .errors import RunError
 from .options import augmentation
+from ..prefetch import guard_prefetcher
 
 __all__ = ['REMOTE_DATASETS', 'DIGITS', 'is_remote', 'dataset_location', 'data_config', 'image_mode', 'create_split',
            'class_names', 'FixedSubset', 'fixed_subset', 'eval_loader', 'calibration_loader']
@@ -104,11 +105,11 @@ def eval_loader(dataset, config: Mapping[str, Any], batch_size: int, workers: in
                 distributed: bool = False, **kwargs):
     """timm's evaluation loader with the data config's preprocessing (center crop)."""
     from timm.data import create_loader
-    return create_loader(
+    return guard_prefetcher(create_loader(
         dataset, input_size=config['input_size'], batch_size=batch_size, is_training=False,
         interpolation=config['interpolation'], mean=config['mean'], std=config['std'], crop_pct=config['crop_pct'],
         crop_mode=config.get('crop_mode', 'center'), num_workers=workers, distributed=distributed, device=device,
-        persistent_workers=workers > 0, **kwargs)
+        persistent_workers=workers > 0, **kwargs))
 
 
 def calibration_loader(dataset, run_args: Mapping[str, Any], config: Mapping[str, Any], images: int, seed: int,
@@ -117,7 +118,7 @@ def calibration_loader(dataset, run_args: Mapping[str, Any], config: Mapping[str
     `seed`) under the run's training augmentation (timm's defaults without a run), no mixup or cutmix."""
     from timm.data import create_loader
     subset = FixedSubset(dataset, fixed_subset(len(dataset), images, seed))
-    return create_loader(
+    return guard_prefetcher(create_loader(
         subset, input_size=config['input_size'], batch_size=min(batch_size, len(subset)), is_training=True,
         mean=config['mean'], std=config['std'], num_workers=workers, device=device, persistent_workers=workers > 0,
-        **augmentation(run_args, config))
+        **augmentation(run_args, config)))

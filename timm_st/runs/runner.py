@@ -40,6 +40,7 @@ from .folder import (TIMM_ST_TRAIN, auto_resume_path, checkpoint_text, clear_run
                      resume_command, rewind, run_folder_path, write_args, write_results)
 from .loggers import MetricLoggers, check_loggers, quiet_checkpoint_saver
 from .options import CALIB_IMAGES, augmentation
+from ..prefetch import guard_prefetcher
 from .validation import check_dataset_classes, check_run
 
 __all__ = ['Runner', 'RunState', 'RunOutcome']
@@ -189,6 +190,7 @@ class Runner:
         self.loader_eval = create_loader(
             self.dataset_eval, input_size=config['input_size'], batch_size=self._eval_batch_size(),
             is_training=False, interpolation=config['interpolation'], crop_pct=config['crop_pct'], **common)
+        self.loader_train, self.loader_eval = guard_prefetcher(self.loader_train), guard_prefetcher(self.loader_eval)
         self.validate_kwargs = dict(autocast=None, channels_last=args.channels_last, distributed=args.distributed,
                                     max_samples=len(self.dataset_eval))
 
