@@ -106,7 +106,7 @@ def first_run_args(sources: Sequence[Source]) -> Mapping[str, Any]:
 def _build(source: Source, model_name: Optional[str], checkpoint: str, ema: bool,
            num_classes: Optional[int]) -> nn.Module:
     if source.run is not None:
-        source.model_name = source.run.args['model']
+        source.model_name = source.run.args.get('model') or ''
         try:
             source.checkpoint = str(source.run.checkpoint_path(checkpoint))
             return build_model(source.run.args, state_dict=source.run.load_state_dict(checkpoint, ema))
