@@ -19,9 +19,11 @@ load hits every configuration alike:
   and the ST++ recipe's section (6 sub-networks, input_scale [0.43, 1.0], space3, kl_direction),
   driven as timm's loop drives a task (`task(x, y)`, one backward on the loss - the sub-network
   passes run inside it - optimizer step). Options, as timm-st runs them:
-  - CUDA (default): bf16 autocast, channels-last, `task.compile()` (inductor: one whole-model graph
-    for the full network, compiled blocks with dynamic shapes for the sub-networks, see
-    `StimulativeTask.compile`);
+  - CUDA (default): bf16 autocast, channels-last, eager, as `timm-st train` runs without
+    `--torchcompile` (`--compile on` for `task.compile()`: one whole-model graph for the full network,
+    compiled blocks for the sub-networks; inductor compiles the blocks once per sub-network input side,
+    see `timm_st.method.backends`, so give it `--input-size-multiple 8` and a warm-up that draws every
+    side before timing);
   - CPU (default): fp32 (bf16 autocast is slow on CPUs without AMX), NCHW, and each configuration
     twice, eager and compiled (`--compile both`), to compare the two.
   `--amp`, `--channels-last`, `--compile` override these.
@@ -47,15 +49,23 @@ What is measured
   - CUDA: `torch.cuda.max_memory_allocated()` over each timed step, max over steps, minus what the
     other configurations hold on the device at the step start, plus this configuration's
     parameters, buffers and optimizer state: the peak of everything its step needs.
+  - CUDA, as the allocator sees it (`--memory-steps`, default 200): after timing, each timm-st
+    configuration alone runs that many more steps (ST++: a new draw of plans and sides every step;
+    CT and ST, whose steps have one shape, 20) from an emptied cache; reported are its allocated peak, its reserved peak (segments the caching
+    allocator holds: what runs out first when many shapes fragment it), both above what the device
+    held before the phase plus its own parameters, buffers and optimizer state, and the allocator's
+    retries (`num_alloc_retries`: allocations that freed the cache and tried again) and OOMs
+    (`torch.cuda.memory_stats`). CPU has no caching allocator: the phase is skipped.
   - CPU: no allocator peak counter exists, so the column is the peak of live bytes held by autograd
     saved tensors during a step (forward and backward, sub-network passes included; deduplicated by
     storage, parameters excluded), from `torch.autograd.graph.saved_tensors_hooks` in the replay: the
     activation memory, which is what sub-network passes could add on top of CT.
 
-Targets (issue "Training speed on a GPU")
------------------------------------------
-GPU: ST++ images/s >= 4x `authors ST++`; peak memory of ST and ST++ <= 1.05x CT's; time/FLOP of
-ST and ST++ within 10% of CT's. CPU: ST and ST++ compiled step no slower than eager.
+Targets
+-------
+GPU: ST++ images/s >= 4x `authors ST++`; allocated peak of ST and ST++ <= 1.05x CT's and reserved
+peak <= 1.10x CT's; time/FLOP of ST and ST++ within 10% of CT's. CPU: ST and ST++ compiled step no
+slower than eager.
 
 Caveats on CPU
 --------------
@@ -71,13 +81,15 @@ CPU (resnet50, batch 8, 112 px, 6 timed steps after 2 warm-up, eager and compile
 
     python benchmarks/step_cost.py --json step_cost_cpu.json
 
-GPU (resnet50, batch 256, the ST++ recipe's train crop 200, 20 timed steps after 5 warm-up)::
+GPU (resnet50, batch 256, the ST++ recipe's train crop 200, 20 timed steps after 5 warm-up, then
+200 steps per configuration for the allocator's figures)::
 
     python benchmarks/step_cost.py --device cuda --json step_cost_gpu.json
 
-cuDNN autotuning (`--cudnn-benchmark`) is off by default: ST++ draws a new sub-network input size
-for most passes and autotuning every new shape inside the few timed steps would be charged to
-ST++ (`--input-size-multiple 8` puts the sizes on a grid, as the recipe key does).
+cuDNN autotuning is on, as timm's train.py and `timm-st train` set it, and the task applies its own
+policy (`timm_st.method.backends.subnet_cudnn_autotune`): off inside ST++'s sub-network passes, whose
+sides vary without a grid, on for the full pass and for CT (`--no-cudnn-benchmark` turns it off
+everywhere; `--input-size-multiple 8` puts the sides on a grid, where the task keeps it on).
 """
 import argparse
 import contextlib
@@ -107,6 +119,7 @@ AUTHORS = 'authors ST++'
 SPACE3 = (0, 1, 3, 0)  # the authors' ST++ space: trailing blocks a sub-network may drop per stage
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MiB = 2 ** 20
+FIXED_SHAPE_MEMORY_STEPS = 20  # allocator phase of configurations that draw no input sides (CT, ST)
 
 
 def seed_everything(seed: int) -> None:
@@ -324,6 +337,30 @@ class Runner:
         if self.drawn[mark:] != timed:
             self.notes.append('replay drew different sub-network plans than the timed steps')
 
+    def allocator_phase(self, x, y, steps: int) -> None:
+        """`steps` more steps of this configuration alone, from an emptied cache (CUDA): its peaks and the
+        allocator's retries and OOMs as `torch.cuda.memory_stats` counts them (see the module docstring)."""
+        dev = self.device
+        x = self.prepare(x)
+        mark = len(self.drawn)
+        sync(dev)
+        torch.cuda.empty_cache()
+        base_allocated, base_reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_stats(dev)
+        for _ in range(steps):
+            self.step(x, y, PhaseClock(dev))
+        sync(dev)
+        after = torch.cuda.memory_stats(dev)
+        own = _resident_bytes(self.model, self.optimizer)
+        self.allocator = {
+            'steps': steps, 'sides_drawn': len({getattr(p, 'input_size', None) for p in self.drawn[mark:]}),
+            'allocated_peak_mib': (torch.cuda.max_memory_allocated(dev) - base_allocated + own) / MiB,
+            'reserved_peak_mib': (torch.cuda.max_memory_reserved(dev) - base_reserved + own) / MiB,
+            'alloc_retries': after.get('num_alloc_retries', 0) - before.get('num_alloc_retries', 0),
+            'ooms': after.get('num_ooms', 0) - before.get('num_ooms', 0),
+        }
+
     def summary(self) -> Dict[str, Any]:
         median = statistics.median(self.times)
         out = {
@@ -339,6 +376,8 @@ class Runner:
         }
         if self.cuda_peaks:
             out['cuda_peak_mib'] = max(self.cuda_peaks) / MiB
+        if getattr(self, 'allocator', None):
+            out['allocator'] = self.allocator
         out['peak_mem_mib'] = out.get('cuda_peak_mib', out['saved_tensor_peak_mib'])
         return out
 
@@ -473,18 +512,25 @@ def parse_args(argv=None):
     p.add_argument('--model', default='resnet50')
     p.add_argument('--num-classes', type=int, default=1000)
     p.add_argument('--lr', type=float, default=0.1)
-    p.add_argument('--cudnn-benchmark', action='store_true',
-                   help='torch.backends.cudnn.benchmark = True (off by default, see the module docstring)')
+    p.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,
+                   help='torch.backends.cudnn.benchmark, as training sets it (default: on; the task turns it off '
+                        'inside sub-network passes while sides vary without a grid)')
+    p.add_argument('--memory-steps', type=int, default=None,
+                   help='CUDA: steps per timm-st configuration for the allocator figures (default: 200 on cuda, '
+                        '0 on cpu, where there is no caching allocator)')
     p.add_argument('--seed', type=int, default=0, help='weights and batch (the samplers use their own seed, 0)')
     p.add_argument('--json', default=None, metavar='PATH', help='also write the results here')
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == 'cuda'
     for name, gpu, cpu in (('batch_size', 256, 8), ('img_size', 200, 112), ('steps', 20, 6), ('warmup', 5, 2),
-                           ('amp', 'bf16', 'none'), ('channels_last', True, False), ('compile', 'on', 'both')):
+                           ('amp', 'bf16', 'none'), ('channels_last', True, False), ('compile', 'off', 'both'),
+                           ('memory_steps', 200, 0)):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
-    if args.steps < 1 or args.warmup < 0 or args.input_size_multiple < 1:
-        p.error('--steps and --input-size-multiple must be >= 1, --warmup >= 0')
+    if args.steps < 1 or args.warmup < 0 or args.input_size_multiple < 1 or args.memory_steps < 0:
+        p.error('--steps and --input-size-multiple must be >= 1, --warmup and --memory-steps >= 0')
+    if args.memory_steps and not cuda:
+        p.error('--memory-steps needs --device cuda (the caching allocator is what it measures)')
     return args
 
 
@@ -526,6 +572,11 @@ def main(argv=None) -> Dict[str, Any]:
         if not all(torch.isfinite(v).all() for v in r.finite):
             r.notes.append('non-finite loss')
         r.replay(x, y)
+    if args.memory_steps:
+        for r in runners:
+            if isinstance(r, TaskRunner):  # one batch shape for CT and ST: their figures settle in a few steps
+                fixed = r.task.config.input_scale is None
+                r.allocator_phase(x, y, min(args.memory_steps, FIXED_SHAPE_MEMORY_STEPS) if fixed else args.memory_steps)
 
     results = {r.label: r.summary() for r in runners}
     authors = results.get(f'{AUTHORS} [fp32, NCHW, eager]')
@@ -535,6 +586,9 @@ def main(argv=None) -> Dict[str, Any]:
             res['time_per_flop_vs_ct'] = res['sec_per_gflop_median'] / ct['sec_per_gflop_median']
             res['flops_vs_ct'] = res['flops_mean'] / ct['flops_mean']
             res['mem_vs_ct'] = res['peak_mem_mib'] / ct['peak_mem_mib'] if ct['peak_mem_mib'] else float('nan')
+            if 'allocator' in res and 'allocator' in ct:
+                for key in ('allocated_peak_mib', 'reserved_peak_mib'):
+                    res['allocator'][key.replace('_mib', '_vs_ct')] = res['allocator'][key] / ct['allocator'][key]
         if authors is not None:
             res['images_per_s_vs_authors'] = res['images_per_s'] / authors['images_per_s']
         if res['options'].endswith('compiled'):
@@ -554,6 +608,17 @@ def main(argv=None) -> Dict[str, Any]:
             f"{ph['full pass']:.1f} | {ph['sub-networks']:.1f} | {ph['optimizer']:.1f} | {res['flops_mean'] / 1e9:.1f} | "
             f"{res['peak_mem_mib']:.0f} | {_ratio(res.get('time_per_flop_vs_ct'))} | {_ratio(res.get('mem_vs_ct'))} | "
             f"{_ratio(res.get('images_per_s_vs_authors'))} |")
+    if args.memory_steps:
+        lines += ['', f'Allocator, {args.memory_steps} steps per configuration (CUDA memory_stats):', '',
+                  '| config | options | sides drawn | allocated peak MiB | reserved peak MiB | allocated vs CT | '
+                  'reserved vs CT | alloc retries | OOMs |',
+                  '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+        for res in results.values():
+            a = res.get('allocator')
+            if a:
+                lines.append(f"| {res['name']} | {res['options']} | {a['sides_drawn']} | {a['allocated_peak_mib']:.0f} | "
+                             f"{a['reserved_peak_mib']:.0f} | {_ratio(a.get('allocated_peak_vs_ct'))} | "
+                             f"{_ratio(a.get('reserved_peak_vs_ct'))} | {a['alloc_retries']} | {a['ooms']} |")
     dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (
         f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
     env = (f'device: {dev_name}; torch {torch.__version__}; timm {timm.__version__}; model {args.model}; '
@@ -580,6 +645,12 @@ def main(argv=None) -> Dict[str, Any]:
             if device.type == 'cuda':
                 ok = res['mem_vs_ct'] <= 1.05
                 parts.append(f"peak mem vs CT {res['mem_vs_ct']:.2f} ({'meets' if ok else 'FAILS'} <= 1.05)")
+                a = res.get('allocator', {})
+                if 'reserved_peak_vs_ct' in a:
+                    ok = a['allocated_peak_vs_ct'] <= 1.05 and a['reserved_peak_vs_ct'] <= 1.10
+                    parts.append(f"over {a['steps']} steps: allocated {a['allocated_peak_vs_ct']:.2f}, reserved "
+                                 f"{a['reserved_peak_vs_ct']:.2f} x CT ({'meets' if ok else 'FAILS'} <= 1.05 / 1.10), "
+                                 f"{a['alloc_retries']} retries")
             else:
                 parts.append(f"activation peak vs CT {res['mem_vs_ct']:.2f} (GPU target <= 1.05)")
         if res['name'] == 'ST++' and 'images_per_s_vs_authors' in res:

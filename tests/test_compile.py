@@ -288,48 +288,6 @@ def test_ema_with_compiled_model(ema_first):
         torch.testing.assert_close(ema(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-# --- GPU precision checks (skipped without CUDA) ------------------------------------------------
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-
-
-def _gpu_step(model, x, y, amp_dtype=None, scaler=None, compile_backend=None):
-    task = StimulativeTask(model, {**ST_PP, 'num_subnets': 3}, verbose=False)
-    if compile_backend:
-        task.compile(backend=compile_backend)
-    with torch.autocast('cuda', dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
-        loss = task(x, y)['loss']
-    if scaler is not None:
-        scale = scaler.get_scale()
-        scaler.scale(loss).backward()
-        return {n: p.grad / scale for n, p in model.named_parameters()}
-    loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-@cuda
-@pytest.mark.parametrize('variant', ['fp16-scaler', 'bf16', 'channels-last', 'compile', 'bf16-channels-last-compile'])
-def test_gpu_gradients_match_fp32_eager(variant, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)  # a true fp32 reference
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    torch.manual_seed(0)
-    base = timm.create_model('resnet18', num_classes=10).cuda().train()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 3, 64, 64, generator=g).cuda()
-    y = torch.randint(0, 10, (16,), generator=g).cuda()
-    reference = _gpu_step(copy.deepcopy(base), x, y)
-    model = copy.deepcopy(base)
-    amp = {'fp16-scaler': torch.float16, 'bf16': torch.bfloat16, 'bf16-channels-last-compile': torch.bfloat16}
-    if 'channels-last' in variant:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler('cuda', init_scale=1024.0) if variant == 'fp16-scaler' else None
-    got = _gpu_step(model, x, y, amp_dtype=amp.get(variant), scaler=scaler,
-                    compile_backend='inductor' if 'compile' in variant else None)
-    rel = {'fp16-scaler': 2e-2, 'bf16': 5e-2, 'bf16-channels-last-compile': 5e-2}.get(variant, 1e-4)
-    assert_grads_close(got, reference, rel=rel)
-
-
 # --- size grid for ST++ inputs (input_size_multiple) --------------------------------------------
 
 def _reference_ordered_draws(seed, max_drop, low, high, n):

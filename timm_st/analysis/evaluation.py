@@ -265,9 +265,15 @@ def _check_routes(stages: Sequence[Stage], routes: Sequence[Route]) -> None:
 
 def _host_batches(batches: Iterable[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     """The calibration images kept in host memory (pinned for asynchronous copies to a GPU), so that only
-    the batch in use is on the device."""
-    pin = device.type == 'cuda'
-    return [x.cpu().pin_memory() if pin else x.cpu() for x in batches]
+    the batch in use is on the device. A batch already on the GPU is copied out asynchronously (into pinned
+    memory, on the current stream, which every later copy back follows): no host-device sync."""
+    if device.type != 'cuda':
+        return [x.cpu() for x in batches]
+    kept = []
+    for x in batches:
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        kept.append(host.copy_(x, non_blocking=x.is_cuda))
+    return kept
 
 
 @torch.no_grad()
