@@ -398,20 +398,3 @@ def test_ddp_compiled_gradients_equal_single_process_eager(tmp_path):
         reference = {n: (halves[0][n] + halves[1][n]) / 2 for n in halves[0]}
         for got in ranks:
             assert_grads_close(got[step], reference, rel=1e-5)
-
-
-def test_timm_st_train_torchcompile_with_ema(tmp_path, image_folder):
-    """`timm-st train --torchcompile` with an EMA (compiled by compile_ema) on ST++: trains, validates both,
-    and checkpoints plain state_dict keys for model and EMA."""
-    import yaml
-    from timm_st.commands.train import main
-    recipe = tmp_path / 'r.yaml'
-    recipe.write_text(yaml.safe_dump({'stimulative': {'num_subnets': 2, 'input_scale': [0.5, 1.0]}}))
-    args = ['-c', recipe, '--data-dir', image_folder, '--output', tmp_path, '--experiment', 'run',
-            '--model', 'resnet20_cifar', '--img-size', '16', '--crop-pct', '1.0', '--batch-size', '8', '--epochs', '1',
-            '--warmup-epochs', '0', '--workers', '0', '--device', 'cpu', '--no-prefetcher', '--eval-subnets', '2',
-            '--torchcompile', 'eager', '--model-ema', '--model-ema-decay', '0.5']
-    assert main([str(a) for a in args]) == 0
-    checkpoint = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=False)
-    keys = timm.create_model('resnet20_cifar', num_classes=3).state_dict().keys()
-    assert checkpoint['state_dict'].keys() == keys and checkpoint['state_dict_ema'].keys() == keys
