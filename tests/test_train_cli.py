@@ -132,17 +132,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_gloo(tmp_path, image_folder):
+@pytest.mark.parametrize('ddp', [True, False], ids=['ddp', 'control-without-ddp'])
+def test_torchrun_two_processes_gloo(tmp_path, image_folder, ddp):
+    """Two ranks under torchrun train one model: both end with bit-identical weights. The control removes DDP (ranks
+    then train independently on their shards, and would pass a check of results.json alone): the ranks must differ."""
     recipe = write_recipe(tmp_path / 'r.yaml', {'num_subnets': 2, 'input_scale': [0.5, 1.0]})
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-port', str(_free_port()),
            '-m', 'timm_st', 'train', '-c', recipe, '--data-dir', str(image_folder), '--output', str(tmp_path),
-           '--experiment', 'ddp'] + BASE
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+           '--experiment', 'ddp', '--device-modules', 'ddp_probe'] + BASE
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS='1', TIMM_ST_TEST_WEIGHTS=str(tmp_path),
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get('PYTHONPATH')])))
+    if not ddp:
+        env['TIMM_ST_TEST_NO_DDP'] = '1'
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / 'ddp' / 'results.json').read_text())
     assert results['world_size'] == 2 and results['subnets']['count'] == 3
     assert [r['epoch'] for r in summary_rows(tmp_path / 'ddp')] == ['0', '1']
+    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
+    differ = [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])]
+    if ddp:
+        assert not differ, f'ranks disagree on {differ[:5]}'
+    else:
+        assert len(differ) > 10, 'without DDP the ranks must diverge, or the check above proves nothing'
 
 
 @pytest.mark.parametrize('extra,message', [
