@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from timm.task import TrainingTask
 from timm.utils import distribute_bn
 
-from .adapters import Stage, subnet_stages, use_subnet, stage_depths
+from .adapters import subnet_stages, use_subnet, stage_depths
 from .backends import (
     BlockGraphBudget, block_compile_options, check_compile_mode, subnet_cudnn_autotune,
 )
