@@ -268,7 +268,7 @@ def _host_batches(batches: Iterable[torch.Tensor], device: torch.device) -> List
     the batch in use is on the device. A batch already on the GPU is copied out asynchronously (into pinned
     memory, on the current stream, which every later copy back follows): no host-device sync."""
     if device.type != 'cuda':
-        return [x.cpu() for x in batches]
+        return [x.to('cpu') for x in batches]
     kept = []
     for x in batches:
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
@@ -408,7 +408,7 @@ def evaluate_routes(
     if chosen == 'each' and method == 'auto':
         _logger.info(f'Evaluating {len(routes)} sub-networks one by one: {reason}')
 
-    def calib(where: torch.device, channels_last: bool):
+    def calib(where: Optional[torch.device], channels_last: bool):
         return calibration_batches(calib_loader, calib_images, where, channels_last) if bn == 'recalibrate' else None
 
     args = (loader, device, bn)
@@ -425,7 +425,7 @@ def evaluate_routes(
                 info.update(method='each', reason=str(e), block_evaluations_per_batch=each_blocks)
                 chosen = 'each'
         if chosen == 'each':
-            evaluators = _evaluate_each(model, stages, routes, *args, calib(torch.device('cpu'), False), *rest)
+            evaluators = _evaluate_each(model, stages, routes, *args, calib(None, False), *rest)  # kept on the host
     return _results(evaluators, distributed)
 
 

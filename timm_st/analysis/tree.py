@@ -303,14 +303,16 @@ def calibration_mode(model: nn.Module) -> Iterator[List[nn.Module]]:
             m.training = mode
 
 
-def calibration_batches(loader: Iterable, num_images: int, device: torch.device,
+def calibration_batches(loader: Iterable, num_images: int, device: Optional[torch.device],
                         channels_last: bool = False) -> Iterator[torch.Tensor]:
     """The calibration images, batch by batch, until `num_images` are reached (whole batches, as
-    `recalibrate_bn` takes them); a loader may yield images or (images, targets)."""
+    `recalibrate_bn` takes them), on `device` (None: where the loader put them); a loader may yield images
+    or (images, targets)."""
     seen = 0
     for batch in loader:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = x.to(device)
+        if device is not None:
+            x = x.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x
