@@ -106,11 +106,16 @@ def test_teacher_is_not_the_main_pass_output():
 
 # --- dynamo's limits --------------------------------------------------------------------------------
 
-def test_compile_raises_both_recompile_limits_per_side(monkeypatch):
-    config = torch._dynamo.config
-    monkeypatch.setattr(config, 'recompile_limit', 8)
-    monkeypatch.setattr(config, 'accumulated_recompile_limit', 256)
+@pytest.fixture
+def default_limits(monkeypatch):
+    """dynamo's default limits for the test, restored afterwards (its config's own patching)."""
     monkeypatch.setattr(backends, '_requested_graphs', 0)
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        yield torch._dynamo.config
+
+
+def test_compile_raises_both_recompile_limits_per_side(default_limits):
+    config = default_limits
     task = StimulativeTask(tiny_model(), {'num_subnets': 3, 'input_scale': [0.5, 1.0], 'seed': 1}, verbose=False)
     task.compile(backend='eager')
     per_side = block_graph_bound(task.stages) * len(task.stages)
