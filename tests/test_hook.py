@@ -77,6 +77,8 @@ parser.add_argument('--output', default='')
 parser.add_argument('--experiment', default='')
 parser.add_argument('--kd-model-name', default=None)
 parser.add_argument('--device-modules', nargs='+', default=None)
+parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor')
+parser.add_argument('--torchcompile-mode', type=str, default=None)
 
 
 def _parse_args():

@@ -18,6 +18,7 @@ import timm
 import torch
 from timm.utils.distributed import is_distributed_env
 
+from ..method.backends import check_compile_mode
 from ..method.config import StimulativeConfig
 from .build import build_model, build_task, mixup_active
 from .checkpoints import load_weights, read_checkpoint
@@ -314,6 +315,11 @@ def _check_environment(args, runner: str) -> None:
     if getattr(args, 'save_epochs', None) and not hasattr(timm.utils.CheckpointSaver, 'save_milestone'):
         _fail(f'save_epochs needs timm >= 1.0.31 (milestone checkpoints; installed: {timm.__version__}); '
               f'pip install -U timm, or remove save_epochs')
+    if getattr(args, 'torchcompile', None):
+        try:
+            check_compile_mode(args.torchcompile, getattr(args, 'torchcompile_mode', None))
+        except ValueError as e:
+            _fail(f'{e} (recipe key torchcompile_mode or --torchcompile-mode)')
     if runner != TIMM_ST_TRAIN and getattr(args, 'workers', 1) == 0 and not _loader_takes_zero_workers():
         _fail(f'workers: 0 stops timm {timm.__version__}\'s loader in train.py (persistent_workers needs workers > 0); '
               f'pass --workers 1 or more, or run the recipe with timm-st train')
