@@ -1,4 +1,4 @@
-"""Sampling spaces and sub-network samplers (ST_SPEC.md, "Sub-network sampling")."""
+"""Sampling spaces and sub-network samplers: the named spaces, the ordered and random samplers, their state."""
 import io
 import itertools
 
