@@ -250,6 +250,6 @@ def test_interrupted_continuation_leaves_a_consistent_folder(tmp_path, image_fol
 
 def test_recovery_interval_writes_recovery_checkpoints(tmp_path, image_folder):
     assert main(argv(image_folder, tmp_path, 'run', '--epochs', 1, '--recovery-interval', 1)) == 0
-    # timm's saver keeps the two newest recovery points: updates 1 and 2 of epoch 0 (0-based)
-    assert sorted(p.name for p in (tmp_path / 'run').glob('recovery-*')) == ['recovery-0-1.pth.tar',
-                                                                             'recovery-0-2.pth.tar']
+    # timm's saver keeps the two newest recovery points: recovery-EPOCH-STEP continues at batch STEP of EPOCH
+    assert sorted(p.name for p in (tmp_path / 'run').glob('recovery-*')) == ['recovery-0-2.pth.tar',
+                                                                             'recovery-0-3.pth.tar']

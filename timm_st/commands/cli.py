@@ -19,7 +19,7 @@ Run `timm-st COMMAND --help` for the options of a command."""
 
 def report(command: str, error: RunError) -> int:
     """Print a refusal or a stop as one line on stderr (`timm-st CMD: error: ...`); returns its exit code."""
-    kind = '' if error.exit_code == INTERRUPTED else 'error: '
+    kind = '' if error.exit_code >= INTERRUPTED else 'error: '  # stopped by a signal (128 + n): not an error
     print(f'timm-st {command}: {kind}{error}', file=sys.stderr, flush=True)
     return error.exit_code
 

@@ -2,7 +2,7 @@
 
 A parser (`timm_st.runs.options`, with `--check`) and a `main` over `timm_st.runs.runner.Runner`.
 Exit codes: 0 done (or `--check` passed), 2 input refused before any work, 1 training stopped
-(non-finite loss), 130 Ctrl-C.
+(non-finite loss), 130 Ctrl-C, 143 / 138 stopped by SIGTERM / SIGUSR1 with a recovery checkpoint.
 """
 import argparse
 import sys

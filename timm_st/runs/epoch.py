@@ -25,6 +25,8 @@ import torch
 from timm import utils
 
 from .errors import TrainingStopped
+from .preemption import stop_for_signal
+from .resumption import gather_rows, save_position
 
 __all__ = ['train_one_epoch', 'EpochSums']
 
@@ -84,6 +86,23 @@ class EpochSums:
             hit = (self.stop_step < 0) & (self.streak >= self.limit)
             self.stop_step = torch.where(hit, torch.full_like(self.stop_step, step), self.stop_step)
 
+    def state(self) -> torch.Tensor:
+        """The sums as one float64 row (loss, samples, sub-network loss and samples, streak, stop step), for a
+        mid-epoch checkpoint (`load` restores them)."""
+        return torch.stack([self.loss, torch.full_like(self.loss, self.samples), self.subnet_loss,
+                            self.subnet_samples, self.streak.double(), self.stop_step.double()])
+
+    def load(self, row: torch.Tensor) -> None:
+        for tensor, value in zip((self.loss, self.subnet_loss, self.subnet_samples, self.streak, self.stop_step),
+                                 row[[0, 2, 3, 4, 5]].tolist()):
+            tensor.fill_(value)
+        self.samples = int(row[1])
+
+    @staticmethod
+    def finite(rows: torch.Tensor) -> bool:
+        """Whether no rank's `state` row is in a NaN/inf streak or past the limit."""
+        return bool(((rows[:, 4] == 0) & (rows[:, 5] < 0)).all())
+
     def stopped_at(self, distributed: bool) -> int:
         """The step at which the limit was reached (-1: not reached); a host read (every rank stops together)."""
         if not self.limit:
@@ -142,10 +161,14 @@ def _after_update(runner, batch_idx: int, sums: EpochSums) -> None:
     if runner.lr_scheduler is not None:
         runner.lr_scheduler.step_update(num_updates=st.num_updates)
     update_idx = batch_idx // args.grad_accum_steps
-    if runner.saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
-        # never a recovery point after a NaN/inf loss (a host read: a recovery step is a sync point)
-        if not sums.limit or not ((sums.stop_step >= 0) | (sums.streak > 0)).item():
-            runner.saver.save_recovery(st.epoch, batch_idx=update_idx)
+    if args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+        # every rank's sums go into it (a gather: a recovery step is a sync point); never after a NaN/inf loss
+        rows = gather_rows(sums.state(), args.distributed)
+        if not sums.limit or EpochSums.finite(rows):
+            save_position(runner, st.epoch, batch_idx + 1, rows)
+    signum = runner.signals.at_update(update_idx, args.log_interval, args.distributed, runner.device)
+    if signum:  # SIGTERM/SIGUSR1: stop here, at an update boundary, with a recovery checkpoint
+        raise stop_for_signal(runner, signum, st.epoch, batch_idx + 1, sums)
 
 
 def _mixup_off(runner) -> None:
@@ -164,14 +187,17 @@ def train_one_epoch(runner) -> Dict[str, float]:
     runner.task.get_trainable_module().train()
     num_batches = len(loader)
     sums = EpochSums(runner.device, args.max_nonfinite_steps)
+    if st.step and 'sums' in (runner.resume_entry or {}):  # continued mid-epoch: this rank's sums so far
+        sums.load(runner.resume_entry['sums'][args.rank])
     progress = _Progress(num_batches, f'Train {st.epoch}/{st.num_epochs}', runner.primary)
     start = time.time()
     runner.optimizer.zero_grad()
     try:
-        for batch_idx, (x, y) in enumerate(loader):
-            if _step(runner, batch_idx, x, y, sums, num_batches):
-                _after_update(runner, batch_idx, sums)
+        for batch_idx, (x, y) in enumerate(loader, start=st.step):
+            updated = _step(runner, batch_idx, x, y, sums, num_batches)
             st.step = batch_idx + 1
+            if updated:
+                _after_update(runner, batch_idx, sums)
             text = None
             if batch_idx % args.log_interval == 0 or batch_idx == num_batches - 1:  # a log step: host reads
                 stop = sums.stopped_at(args.distributed)

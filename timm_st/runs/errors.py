@@ -4,7 +4,7 @@ Every refusal of input (a recipe, a command line, a run folder, a checkpoint, a 
 publish) is a `RunError` with exit code 2 and a one-line message that names the problem and the fix;
 commands print `timm-st CMD: error: <message>` and return the code. `TrainingStopped` is the one
 subclass a caller must tell apart: training that stopped before its end (1 for a non-finite loss,
-130 for Ctrl-C), whose message says where to resume from.
+130 for Ctrl-C, 128 + the signal for SIGTERM/SIGUSR1: `preemption`), whose message says where to resume from.
 """
 from typing import Optional
 

@@ -29,6 +29,7 @@ import yaml
 
 from .checkpoints import load_weights, read_checkpoint
 from .errors import RunError
+from .resumption import link_replace, newest_checkpoint
 
 __all__ = ['RunFolder', 'read_run', 'holds_run', 'run_folder_path', 'resumes_in_place', 'CHECKPOINT_FILES',
            'RUN_FILES', 'WRITTEN_BY_KEY', 'TIMM_ST_TRAIN', 'TRAIN_PY', 'write_args', 'write_summary_row',
@@ -41,7 +42,7 @@ CHECKPOINT_FILES = {'best': 'model_best.pth.tar', 'last': 'last.pth.tar'}
 # files (and checkpoint patterns) that make a folder a run folder; what `clear_run` removes
 RUN_FILES = ('args.yaml', 'summary.csv', 'results.json', 'last.pth.tar', 'model_best.pth.tar')
 RUN_PATTERNS = ('checkpoint-*.pth.tar', 'milestone-*.pth.tar', 'recovery-*.pth.tar', 'recovery_tmp.pth.tar',
-                'tmp.pth.tar')
+                'tmp.pth.tar', '*.pth.tar.tmp')
 # key of args.yaml by which timm-st train marks its own runs (train.py's args.yaml has no such key)
 WRITTEN_BY_KEY = 'written_by'
 TIMM_ST_TRAIN = 'timm-st train'
@@ -312,12 +313,12 @@ def clear_run(folder: PathLike) -> List[str]:
 # policy: fresh, continued in place, or overwritten
 
 def auto_resume_path(output: Optional[str], experiment: Optional[str]) -> str:
-    """`--resume auto`: the run folder's last.pth.tar, or '' (a fresh run) when it holds no checkpoint yet."""
+    """`--resume auto`: the run folder's newest checkpoint (last.pth.tar, or a recovery checkpoint further into
+    training: `resumption.newest_checkpoint`), or '' (a fresh run) when it holds none yet."""
     folder = run_folder_path(output, experiment)
     if folder is None:
         raise RunError('--resume auto continues OUTPUT/EXPERIMENT in place: give the run a name with --experiment NAME')
-    last = folder / 'last.pth.tar'
-    return str(last) if last.is_file() else ''
+    return newest_checkpoint(folder)
 
 
 def folder_mode(folder: Path, resume: Optional[str], overwrite: bool = False, resume_auto: bool = False,
@@ -376,13 +377,17 @@ def _numbered(folder: Path, prefix: str):
             yield int(number), path
 
 
-def rewind(folder: Path, start_epoch: int, best_epoch: Optional[int]) -> None:
+def rewind(folder: Path, start_epoch: int, best_epoch: Optional[int], resume_path: str = '') -> None:
     """Before continuing a run in place from epoch `start_epoch`: remove what the epochs being redone wrote
     (their summary rows and checkpoints, a best checkpoint from them, and results.json: the run is no longer
-    finished), so that an interrupted continuation leaves a consistent folder."""
+    finished) and the recovery checkpoints other than `resume_path` (superseded, or of epochs being redone), so
+    that an interrupted continuation leaves a consistent folder."""
     truncate_summary(folder, start_epoch)
     for epoch, path in _numbered(folder, 'checkpoint'):
         if epoch >= start_epoch:
+            path.unlink()
+    for path in folder.glob('recovery-*.pth.tar'):
+        if not resume_path or path.resolve() != Path(resume_path).resolve():
             path.unlink()
     for done, path in _numbered(folder, 'milestone'):
         if done > start_epoch:
@@ -390,9 +395,10 @@ def rewind(folder: Path, start_epoch: int, best_epoch: Optional[int]) -> None:
     best = folder / 'model_best.pth.tar'
     if best.is_file() and read_checkpoint(best).get('epoch', -1) >= start_epoch:
         kept = folder / f'checkpoint-{best_epoch}.pth.tar' if best_epoch is not None else None
-        best.unlink()
         if kept is not None and kept.is_file():
-            os.link(kept, best)
+            link_replace(kept, best)
+        else:
+            best.unlink()
     if (folder / 'results.json').exists():
         (folder / 'results.json').unlink()
 

@@ -48,6 +48,7 @@ from .errors import RunError
 from .folder import folder_mode, run_folder_path
 from .options import option_names
 from .recipe import TASK_FACTORIES, check_keys, check_values, load_recipe, stimulative_config
+from .seeding import seeded_loader, set_loader_epoch
 from .validation import check_combinations, check_run
 
 __all__ = [
@@ -327,6 +328,25 @@ def validate_run(main_module: types.ModuleType, args: argparse.Namespace
     return section, config
 
 
+def _key_training_loader(ns: dict, args: argparse.Namespace) -> None:
+    """train.py's training loader with the random draws of timm-st train (`runs.seeding`: keyed by seed, rank,
+    epoch and batch), so that both routes draw the same batches, augmentations and step draws."""
+    create_loader = ns.get('create_loader')
+    if create_loader is None or getattr(create_loader, '_timm_st_keyed', False):
+        return
+
+    @functools.wraps(create_loader)
+    def keyed_create_loader(*a, **kw):
+        loader = create_loader(*a, **kw)
+        if not kw.get('is_training'):
+            return loader
+        return seeded_loader(loader, args.seed, getattr(args, 'rank', 0), args.mixup_off_epoch,
+                             torch.device(kw.get('device', 'cuda')))
+
+    keyed_create_loader._timm_st_keyed = True
+    ns['create_loader'] = keyed_create_loader
+
+
 def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional[HookState]:
     """Validate the run and put stimulative training in place in a timm train.py module namespace.
 
@@ -346,10 +366,13 @@ def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional
     if _section(args) is not None and not patched:
         check_train_script(main_module, args)
     section, config = validate_run(main_module, args)
-    if section is None or patched:
-        return None  # plain timm, or the patched train.py builds the task and calls its callbacks itself
-    state = HookState(args, config)
+    if section is None:
+        return None  # plain timm
     ns = vars(main_module)
+    _key_training_loader(ns, args)
+    if patched:
+        return None  # the patched train.py builds the task and calls its callbacks itself
+    state = HookState(args, config)
 
     def task_factory(model, criterion=None, device=None, dtype=None, verbose=True):
         """Stands in for ClassificationTask in train.py: builds the stimulative task instead."""
@@ -367,6 +390,7 @@ def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional
         task = bound.get('task')
         if hasattr(task, 'set_epoch'):
             task.set_epoch(bound['epoch'])
+        set_loader_epoch(bound['loader'], bound['epoch'])  # train.py before 1.0.28 tells it only when distributed
         state.train_loader = bound['loader']
         return original_train(*a, **kw)
 

@@ -40,6 +40,9 @@ from .folder import (TIMM_ST_TRAIN, auto_resume_path, checkpoint_text, clear_run
                      resume_command, rewind, run_folder_path, write_args, write_results)
 from .loggers import MetricLoggers, check_loggers, quiet_checkpoint_saver
 from .options import CALIB_IMAGES, augmentation
+from .preemption import StopSignals, stop_for_signal
+from .resumption import RunSaver, read_resume, resume_entry
+from .seeding import seeded_loader, set_loader_epoch
 from ..prefetch import guard_prefetcher
 from .validation import check_dataset_classes, check_run
 
@@ -59,6 +62,7 @@ class RunState:
     num_epochs: int = 0  # the schedule's length
     epoch: int = 0  # the epoch being trained
     step: int = 0  # batches done in that epoch: the position within the epoch
+    start_step: int = 0  # batches of start_epoch done before this invocation (a run continued mid-epoch)
     num_updates: int = 0  # optimizer updates since the start of training
     saved_epoch: Optional[int] = None  # the last epoch with a checkpoint
     best_metric: Optional[float] = None
@@ -89,8 +93,9 @@ class Runner:
     def __init__(self, args, config: Optional[StimulativeConfig], argv: Sequence[str] = ()):
         self.args, self.config, self.argv = args, config, list(argv)
         self.state = RunState()
-        self.saver = self.loggers = None
+        self.saver = self.loggers = self.resume_entry = None
         self.primary = True
+        self.signals = StopSignals()  # installed while the epochs run
 
     # --- stage 0: check ---------------------------------------------------------------------------
     def check(self) -> 'Runner':
@@ -191,6 +196,8 @@ class Runner:
             self.dataset_eval, input_size=config['input_size'], batch_size=self._eval_batch_size(),
             is_training=False, interpolation=config['interpolation'], crop_pct=config['crop_pct'], **common)
         self.loader_train, self.loader_eval = guard_prefetcher(self.loader_train), guard_prefetcher(self.loader_eval)
+        # every random draw of training keyed by (seed, rank, epoch, batch): exact continuations (seeding.py)
+        self.loader_train = seeded_loader(self.loader_train, args.seed, args.rank, args.mixup_off_epoch, self.device)
         self.validate_kwargs = dict(autocast=None, channels_last=args.channels_last, distributed=args.distributed,
                                     max_samples=len(self.dataset_eval))
 
@@ -223,6 +230,7 @@ class Runner:
             self.resume_epoch = resume_task_checkpoint(
                 task, resume_path, optimizer=None if args.no_resume_opt else self.optimizer,
                 loss_scaler=None if args.no_resume_opt else self.loss_scaler, log_info=self.primary)
+            self.resume_entry = read_resume(resume_path, args.seed, args.world_size, verbose=self.primary)
         if args.model_ema:
             task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                            device='cpu' if args.model_ema_force_cpu else None)
@@ -249,12 +257,17 @@ class Runner:
         st.start_epoch = args.start_epoch if args.start_epoch is not None else (self.resume_epoch or 0)
         st.end_epoch = min(st.num_epochs, args.stop_epoch) if args.stop_epoch is not None else st.num_epochs
         st.num_updates = st.start_epoch * self.updates_per_epoch
-        if st.folder_mode == 'resume' and st.start_epoch >= st.end_epoch:
+        if self.resume_entry is not None and args.start_epoch is None:  # the checkpoint's position, maybe mid-epoch
+            entry = self.resume_entry
+            st.start_epoch, st.start_step, st.num_updates = entry['epoch'], entry['step'], entry['num_updates']
+            st.eval_metrics = entry.get('eval_metrics')
+        if st.folder_mode == 'resume' and st.start_epoch >= st.end_epoch and (
+                st.end_epoch < st.num_epochs or (st.folder / 'results.json').is_file()):  # else: finish it now
             self.outcome = RunOutcome(message=f'Nothing to do: {st.folder} is complete ({st.start_epoch} of '
                                               f'{st.end_epoch} epochs done); raise --epochs or --stop-epoch to train '
                                               f'further.')
             return False
-        if self.lr_scheduler is not None and st.start_epoch > 0:
+        if self.lr_scheduler is not None and st.num_updates > 0:
             if args.sched_on_updates:
                 self.lr_scheduler.step_update(st.num_updates)
             else:
@@ -269,21 +282,21 @@ class Runner:
             st.folder = Path(args.output or './output/train') / '-'.join([
                 time.strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(self.data_config['input_size'][-1])])
             st.folder_mode = folder_mode(st.folder, st.resume_path, args.overwrite)
-        if st.folder_mode == 'resume' and self.resume_epoch:
-            st.saved_epoch = self.resume_epoch - 1
+        if st.folder_mode == 'resume' and st.start_epoch:
+            st.saved_epoch = st.start_epoch - 1
         if not self.primary:
             return
         if st.folder_mode == 'overwrite':
             _logger.info(f'--overwrite: removed the earlier run\'s files from {st.folder}: {clear_run(st.folder)}')
         utils.get_outdir(str(st.folder.parent), st.folder.name)
         quiet_checkpoint_saver()
-        self.saver = utils.CheckpointSaver(
+        self.saver = RunSaver(
             model=self.task.get_trainable_module(), optimizer=self.optimizer, args=args, amp_scaler=self.loss_scaler,
             checkpoint_dir=str(st.folder), recovery_dir=str(st.folder), decreasing=args.eval_metric == 'loss',
             max_history=args.checkpoint_hist, task=self.task)
         if st.folder_mode == 'resume':
             restore_saver(self.saver, st.folder, st.resume_path, st.start_epoch)
-            rewind(st.folder, st.start_epoch, self.saver.best_epoch)
+            rewind(st.folder, st.start_epoch, self.saver.best_epoch, st.resume_path)
         st.best_metric, st.best_epoch = self.saver.best_metric, self.saver.best_epoch
         write_args(st.folder, args)
         self.loggers = MetricLoggers(st.folder, args)
@@ -293,9 +306,7 @@ class Runner:
     def train_epoch(self) -> Dict[str, float]:
         """One epoch of training steps (the task told the epoch first); its train_* metrics."""
         epoch = self.state.epoch
-        sampler = getattr(self.loader_train, 'sampler', None)
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
+        set_loader_epoch(self.loader_train, epoch, self.state.step)
         if hasattr(self.task, 'set_epoch'):
             self.task.set_epoch(epoch)
         metrics = train_one_epoch(self)
@@ -336,6 +347,7 @@ class Runner:
                     row['eval_split'] = args.train_split
             self.loggers.log_epoch(st.epoch, row)
             if metrics is not None:
+                self.saver.entry = resume_entry(self, st.epoch + 1, 0)
                 st.best_metric, st.best_epoch = self.saver.save_checkpoint(st.epoch, metric=metrics[self.metric_key])
                 st.saved_epoch = st.epoch
                 if done in set(args.save_epochs or ()):
@@ -346,7 +358,7 @@ class Runner:
     def _epochs(self) -> None:
         st = self.state
         for epoch in range(st.start_epoch, st.end_epoch):
-            st.epoch, st.step = epoch, 0
+            st.epoch, st.step = epoch, st.start_step if epoch == st.start_epoch else 0
             row = OrderedDict((f'train_{k}', v) for k, v in self.train_epoch().items())
             lrs = [g['lr'] for g in self.optimizer.param_groups]
             row['lr'] = sum(lrs) / len(lrs)
@@ -354,6 +366,9 @@ class Runner:
             if metrics is not None:
                 st.eval_metrics = metrics
             self._end_epoch(row, metrics)
+            signum = self.signals.agreed(self.args.distributed, self.device)  # one all-reduce an epoch
+            if signum:  # SIGTERM/SIGUSR1 during validation: last.pth.tar is the position unless not validated
+                raise stop_for_signal(self, signum, epoch + 1, 0, save=st.saved_epoch != epoch)
 
     # --- stage 4: finish --------------------------------------------------------------------------
     def run(self) -> RunOutcome:
@@ -364,7 +379,8 @@ class Runner:
             if not self.setup():
                 return self.outcome
             try:
-                self._epochs()
+                with self.signals:
+                    self._epochs()
             except KeyboardInterrupt:
                 raise TrainingStopped(self.stop_message(f'interrupted in epoch {self.state.epoch}'),
                                       exit_code=INTERRUPTED) from None
