@@ -8,14 +8,12 @@ re-estimated on calibration images, before it is evaluated.
 Nothing is read back from the device per batch or per sub-network: examples, loss and correct counts
 accumulate on the device (timm's task evaluator where timm has one) and are read once at the end;
 re-estimation sets each batch's momentum from a host-side count (`cumulative_momentum`). Blocks that
-`StimulativeTask.compile()` compiled in place run eagerly here, so evaluating after `--torchcompile`
-adds no graphs (the per-node statistics swapped in by hooks, and the per-batch momenta, would each be
-guarded on and recompile).
+`StimulativeTask.compile()` compiled in place run eagerly here (`eager_blocks`): evaluating adds no graphs.
 """
+import functools
 import itertools
 import logging
 import statistics
-from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -26,14 +24,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from timm.utils.model import unwrap_model
 
-from ..method.adapters import Stage, _check_plan, stage_depths, subnet_stages, use_subnet
+from ..method.adapters import Stage, _check_plan, run_blocks, stage_depths, subnet_stages
 from ..method.backends import eager_blocks
 from ..method.batchnorm import _stat_norms, cumulative_momentum
 from ..method.plan import SubnetPlan, resize_input
 from ..method.sampling import resolve_sample_space
 from .tree import (
-    CALIB_IMAGES, PrefixTree, Route, TreeRunner, calibration_batches, calibration_mode, fresh_statistics, tree_split,
-    tree_supported,
+    CALIB_IMAGES, PrefixTree, Route, TreeRunner, _all_modes_kept, calibration_batches, calibration_mode,
+    fresh_statistics, tree_split, tree_supported,
 )
 
 __all__ = [
@@ -45,6 +43,7 @@ _logger = logging.getLogger(__name__)
 
 BN_MODES = ('running', 'recalibrate')
 METHODS = ('auto', 'tree', 'each')
+OnLogits = Callable[[int, torch.Tensor, torch.Tensor], None]  # (plan index, logits, targets)
 
 
 class _DeviceTotals:
@@ -87,9 +86,19 @@ def _evaluator(device: torch.device):
     return ClassificationEvaluator(device)
 
 
-def _kept(batch_size: int, seen: int, max_samples: Optional[int]) -> int:
-    """How many examples of the next batch count (`max_samples` drops a distributed sampler's padding)."""
-    return batch_size if max_samples is None else max(0, min(batch_size, max_samples - seen))
+def _on_device(x: torch.Tensor, device: torch.device, channels_last: bool, non_blocking: bool = False) -> torch.Tensor:
+    x = x.to(device, non_blocking=non_blocking)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _counted(loader: Iterable, device: torch.device, channels_last: bool, max_samples: Optional[int]) -> Iterator:
+    """`(x, y, keep)` per batch of `loader`, on the device; the first `keep` examples count (`max_samples`
+    drops the padding of a distributed sampler, counted per rank in order)."""
+    seen = 0
+    for x, y in loader:
+        keep = x.shape[0] if max_samples is None else max(0, min(x.shape[0], max_samples - seen))
+        seen += keep
+        yield _on_device(x, device, channels_last), y.to(device), keep
 
 
 def _results(evaluators: Sequence[Any], distributed: bool) -> List[Dict[str, float]]:
@@ -107,42 +116,20 @@ def _results(evaluators: Sequence[Any], distributed: bool) -> List[Dict[str, flo
 
 
 def _report(progress: Optional[Any], n: int) -> None:
-    if progress is None:
-        return
-    if hasattr(progress, 'update'):
-        progress.update(n)
-    else:
-        progress(n)
-
-
-@contextmanager
-def _all_modes_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every module's own train/eval flag on exit (`model.train(mode)` would make them all alike)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    if progress is not None:
+        getattr(progress, 'update', progress)(n)  # tqdm-like, or a callable
 
 
 @torch.no_grad()
-def _evaluate_loader(model: nn.Module, evaluator: Any, loader: Iterable, device: torch.device,
-                     autocast: Callable[[], ContextManager], channels_last: bool, max_samples: Optional[int],
+def _evaluate_loader(model: nn.Module, evaluator: Any, batches: Iterable, autocast: Callable[[], ContextManager],
                      input_size: Optional[int] = None, progress: Optional[Any] = None,
                      on_logits: Optional[Callable] = None) -> None:
-    seen = 0
     was_training = model.training
     model.eval()
     try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y, keep in batches:
             with autocast():
                 output = model(resize_input(x, input_size))
-            keep = _kept(output.shape[0], seen, max_samples)
-            seen += keep
             if keep:
                 evaluator.update(output[:keep], y[:keep])
                 if on_logits is not None:
@@ -153,21 +140,15 @@ def _evaluate_loader(model: nn.Module, evaluator: Any, loader: Iterable, device:
 
 
 @torch.no_grad()
-def validate(
-        model: nn.Module,
-        loader: Iterable,
-        device: torch.device,
-        autocast: Callable[[], ContextManager] = nullcontext,
-        channels_last: bool = False,
-        distributed: bool = False,
-        max_samples: Optional[int] = None,
-) -> Dict[str, float]:
+def validate(model: nn.Module, loader: Iterable, device: torch.device,
+             autocast: Callable[[], ContextManager] = nullcontext, channels_last: bool = False,
+             distributed: bool = False, max_samples: Optional[int] = None) -> Dict[str, float]:
     """Loss, top-1 and top-5 (percent) of `model` in eval mode over `loader`.
 
     `max_samples` drops the padding a distributed sampler adds, counted per rank in order.
     """
     evaluator = _evaluator(torch.device(device))
-    _evaluate_loader(model, evaluator, loader, device, autocast, channels_last, max_samples)
+    _evaluate_loader(model, evaluator, _counted(loader, device, channels_last, max_samples), autocast)
     metrics = evaluator.compute(distributed=distributed)
     return {k: metrics[k] for k in ('loss', 'top1', 'top5')}
 
@@ -201,8 +182,8 @@ def subnet_statistics(full_top1: float, subnet_top1: Sequence[float]) -> Dict[st
     loafing gap (full minus mean)."""
     values = [float(v) for v in subnet_top1]
     if not values:
-        return dict(full_top1=full_top1, subnet_mean=None, subnet_std=None, subnet_min=None, subnet_max=None,
-                    loafing_gap=None)
+        return dict(full_top1=full_top1, **dict.fromkeys(('subnet_mean', 'subnet_std', 'subnet_min', 'subnet_max',
+                                                           'loafing_gap')))
     mean = statistics.fmean(values)
     return dict(full_top1=full_top1, subnet_mean=mean, subnet_std=statistics.pstdev(values),
                 subnet_min=min(values), subnet_max=max(values), loafing_gap=full_top1 - mean)
@@ -217,30 +198,6 @@ _NO_CALIBRATION = 'evaluate_plans: the calibration loader produced no images; gi
 
 class SplitMismatch(RuntimeError):
     """The registered `TreeSplit` does not reproduce the model's own forward."""
-
-
-def _is_increasing(blocks) -> bool:
-    return all(all(b > a for a, b in zip(kept, kept[1:])) for kept in blocks)
-
-
-@contextmanager
-def _blocks_in_order(stages: Sequence[Stage], blocks) -> Iterator[None]:
-    """Like `use_subnet`, for any block order (a lesion study swaps blocks); an ordered route uses `use_subnet`."""
-    if _is_increasing(blocks):
-        with use_subnet(stages, SubnetPlan(blocks)):
-            yield
-        return
-    saved = []
-    try:
-        for stage, kept in zip(stages, blocks):
-            modules = stage.container._modules
-            names = list(modules)
-            saved.append((stage.container, modules))
-            object.__setattr__(stage.container, '_modules', OrderedDict((names[i], modules[names[i]]) for i in kept))
-        yield
-    finally:
-        for container, modules in reversed(saved):
-            object.__setattr__(container, '_modules', modules)
 
 
 @contextmanager
@@ -269,36 +226,29 @@ def _host_batches(batches: Iterable[torch.Tensor], device: torch.device) -> List
     memory, on the current stream, which every later copy back follows): no host-device sync."""
     if device.type != 'cuda':
         return [x.to('cpu') for x in batches]
-    kept = []
-    for x in batches:
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        kept.append(host.copy_(x, non_blocking=x.is_cuda))
-    return kept
+    return [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=x.is_cuda) for x in batches]
 
 
 @torch.no_grad()
-def _evaluate_each(model, stages, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
-                   progress, on_logits) -> List[Any]:
-    """The reference: each route on its own, the model's own forward under `use_subnet`. The calibration
-    images (the same for every route) stay in host memory and are streamed to the device per batch."""
-    calib_images = _host_batches(calib, device) if bn == 'recalibrate' else []
-    if bn == 'recalibrate' and not calib_images:
+def _evaluate_each(model, stages, routes, batches, device, calib, autocast, channels_last, progress, on_logits
+                   ) -> List[Any]:
+    """The reference: each route on its own, the model's own forward with only its blocks (`run_blocks`). The
+    calibration images (the same for every route) stay in host memory and are streamed to the device per batch."""
+    calib_images = _host_batches(calib, device) if calib is not None else []
+    if calib is not None and not calib_images:
         raise ValueError(_NO_CALIBRATION)
     evaluators = [_evaluator(device) for _ in routes]
     for i, (blocks, size) in enumerate(routes):
-        with _blocks_in_order(stages, blocks), (_own_statistics(model) if calib_images else nullcontext()):
+        with run_blocks(stages, blocks), (_own_statistics(model) if calib_images else nullcontext()):
             if calib_images:
                 with calibration_mode(model) as norms:
                     for k, x in enumerate(calib_images):
                         cumulative_momentum(norms, k)
-                        x = x.to(device, non_blocking=True)
-                        if channels_last:
-                            x = x.contiguous(memory_format=torch.channels_last)
                         with autocast():
-                            model(resize_input(x, size))
+                            model(resize_input(_on_device(x, device, channels_last, non_blocking=True), size))
                         _report(progress, 1)
-            _evaluate_loader(model, evaluators[i], loader, device, autocast, channels_last, max_samples, size,
-                             progress, None if on_logits is None else lambda out, y, i=i: on_logits(i, out, y))
+            _evaluate_loader(model, evaluators[i], batches(), autocast, size, progress,
+                             None if on_logits is None else lambda out, y, i=i: on_logits(i, out, y))
     return evaluators
 
 
@@ -319,13 +269,11 @@ def _verify_split(model, split, stages, x, autocast) -> None:
 
 
 @torch.no_grad()
-def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, autocast, channels_last, max_samples,
-                   progress, on_logits) -> List[Any]:
-    tree = PrefixTree(routes)
-    runner = TreeRunner(model, split, stages, tree)
+def _evaluate_tree(model, stages, split, routes, batches, device, calib, autocast, progress, on_logits) -> List[Any]:
+    runner = TreeRunner(model, split, stages, PrefixTree(routes))
     evaluators = [_evaluator(device) for _ in routes]
-    eval_batches = iter(loader)
-    if bn == 'recalibrate':
+    eval_batches = batches()
+    if calib is not None:
         calib = iter(calib)
         first = next(calib, None)
         if first is None:
@@ -335,20 +283,11 @@ def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, auto
     else:
         first = next(eval_batches, None)
         if first is not None:
-            x = first[0].to(device)
-            _verify_split(model, split, stages, x.contiguous(memory_format=torch.channels_last) if channels_last else x,
-                          autocast)
-        eval_batches = itertools.chain([first] if first is not None else [], eval_batches)
-
-    seen = 0
+            _verify_split(model, split, stages, first[0], autocast)
+            eval_batches = itertools.chain([first], eval_batches)
     model.eval()
-    with (runner.node_statistics(create=False) if bn == 'recalibrate' else nullcontext()):
-        for x, y in eval_batches:
-            x, y = x.to(device), y.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            keep = _kept(x.shape[0], seen, max_samples)
-            seen += keep
+    with (runner.node_statistics(create=False) if calib is not None else nullcontext()):
+        for x, y, keep in eval_batches:
             if keep:
                 def on_leaf(ids, logits, y=y[:keep], keep=keep):
                     with torch.autocast(device.type, enabled=False):
@@ -364,24 +303,12 @@ def _evaluate_tree(model, stages, split, routes, loader, device, bn, calib, auto
     return evaluators
 
 
-def evaluate_routes(
-        model: nn.Module,
-        routes: Sequence[Route],
-        loader: Iterable,
-        device: torch.device,
-        *,
-        bn: str = 'running',
-        calib_loader: Optional[Iterable] = None,
-        calib_images: int = CALIB_IMAGES,
-        autocast: Callable[[], ContextManager] = nullcontext,
-        channels_last: bool = False,
-        max_samples: Optional[int] = None,
-        method: str = 'auto',
-        progress: Optional[Any] = None,
-        distributed: bool = False,
-        on_logits: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-        info: Optional[Dict[str, Any]] = None,
-) -> List[Dict[str, float]]:
+def evaluate_routes(model: nn.Module, routes: Sequence[Route], loader: Iterable, device: torch.device, *,
+                    bn: str = 'running', calib_loader: Optional[Iterable] = None, calib_images: int = CALIB_IMAGES,
+                    autocast: Callable[[], ContextManager] = nullcontext, channels_last: bool = False,
+                    max_samples: Optional[int] = None, method: str = 'auto', progress: Optional[Any] = None,
+                    distributed: bool = False, on_logits: Optional[OnLogits] = None,
+                    info: Optional[Dict[str, Any]] = None) -> List[Dict[str, float]]:
     """`evaluate_plans` for routes `(blocks, input_size)`, whose blocks may run in any order (lesions)."""
     if bn not in BN_MODES:
         raise ValueError(f'bn={bn!r}: use one of {list(BN_MODES)}')
@@ -411,13 +338,14 @@ def evaluate_routes(
     def calib(where: Optional[torch.device], channels_last: bool):
         return calibration_batches(calib_loader, calib_images, where, channels_last) if bn == 'recalibrate' else None
 
-    args = (loader, device, bn)
-    rest = (autocast, channels_last, max_samples, progress, on_logits)
+    def batches() -> Iterator:  # the loader's iterator is made (drawing its seed) when this is called
+        return _counted(iter(loader), device, channels_last, max_samples)
+
     with _all_modes_kept(model), eager_blocks(model):  # blocks compiled in place would add graphs (module docstring)
         if chosen == 'tree':
             try:
-                evaluators = _evaluate_tree(model, stages, tree_split(model), routes, *args,
-                                            calib(device, channels_last), *rest)
+                evaluators = _evaluate_tree(model, stages, tree_split(model), routes, batches, device,
+                                            calib(device, channels_last), autocast, progress, on_logits)
             except SplitMismatch as e:
                 if method == 'tree':
                     raise
@@ -425,7 +353,8 @@ def evaluate_routes(
                 info.update(method='each', reason=str(e), block_evaluations_per_batch=each_blocks)
                 chosen = 'each'
         if chosen == 'each':
-            evaluators = _evaluate_each(model, stages, routes, *args, calib(None, False), *rest)  # kept on the host
+            evaluators = _evaluate_each(model, stages, routes, batches, device, calib(None, False),  # kept on the host
+                                        autocast, channels_last, progress, on_logits)
     return _results(evaluators, distributed)
 
 
@@ -468,28 +397,26 @@ def relative_flops(model: nn.Module, plans: Sequence[SubnetPlan], input_size: Se
         _check_plan(stages, plan)
     channels, height, width = input_size
     param = next(itertools.chain(model.parameters(), model.buffers()))
-    counted: Dict[Any, tuple] = {}
 
+    @functools.lru_cache(maxsize=None)
     def count(hw):
-        if hw not in counted:
-            counter = FlopCounterMode(display=False)
-            per_block, start = {}, {}
-            handles = []
-            for s, stage in enumerate(stages):
-                for b, block in enumerate(stage.container._modules.values()):
-                    handles.append(block.register_forward_pre_hook(
-                        lambda m, a, key=(s, b): start.__setitem__(key, counter.get_total_flops())))
-                    handles.append(block.register_forward_hook(
-                        lambda m, a, o, key=(s, b): per_block.__setitem__(key, counter.get_total_flops() - start[key])))
-            try:
-                with _all_modes_kept(model), counter:
-                    model.eval()
-                    model(torch.zeros(1, channels, *hw, device=param.device, dtype=param.dtype))
-            finally:
-                for h in handles:
-                    h.remove()
-            counted[hw] = (counter.get_total_flops(), per_block)
-        return counted[hw]
+        """Total FLOPs at input size `hw`, and those of every block `(stage, index)`."""
+        counter = FlopCounterMode(display=False)
+        per_block, start, handles = {}, {}, []
+        for s, stage in enumerate(stages):
+            for b, block in enumerate(stage.container._modules.values()):
+                handles.append(block.register_forward_pre_hook(
+                    lambda m, a, key=(s, b): start.__setitem__(key, counter.get_total_flops())))
+                handles.append(block.register_forward_hook(
+                    lambda m, a, o, key=(s, b): per_block.__setitem__(key, counter.get_total_flops() - start[key])))
+        try:
+            with _all_modes_kept(model), counter:
+                model.eval()
+                model(torch.zeros(1, channels, *hw, device=param.device, dtype=param.dtype))
+        finally:
+            for h in handles:
+                h.remove()
+        return counter.get_total_flops(), per_block
 
     full_total, _ = count((height, width))
     out = []

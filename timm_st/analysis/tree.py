@@ -132,10 +132,7 @@ class PrefixTree:
         for i, route in enumerate(self.routes):
             node = self.root
             for token in _tokens(route):
-                child = node.children.get(token)
-                if child is None:
-                    child = node.children[token] = _Node(token)
-                node = child
+                node = node.children.setdefault(token, _Node(token))
             node.route_ids.append(i)
         for node in self.nodes():  # continue a stage last: its parent's activation is freed before the long chain
             node.children = dict(sorted(node.children.items(), key=lambda item: item[0][0] == 'block'))
@@ -273,11 +270,19 @@ def recalibrated_statistics(model: nn.Module, routes: Sequence[Route], calib_loa
 
 def fresh_statistics(module: nn.Module) -> Dict[str, torch.Tensor]:
     """New statistics for a norm layer, as `reset_running_stats` leaves them."""
-    return {
-        'running_mean': torch.zeros_like(module.running_mean),
-        'running_var': torch.ones_like(module.running_var),
-        'num_batches_tracked': torch.zeros_like(module.num_batches_tracked),
-    }
+    return {'running_mean': torch.zeros_like(module.running_mean), 'running_var': torch.ones_like(module.running_var),
+            'num_batches_tracked': torch.zeros_like(module.num_batches_tracked)}
+
+
+@contextmanager
+def _all_modes_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every module's own train/eval flag on exit (`model.train(mode)` would make them all alike)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @contextmanager
@@ -287,20 +292,16 @@ def calibration_mode(model: nn.Module) -> Iterator[List[nn.Module]]:
     place run eagerly. Yields the norm layers: call `cumulative_momentum(norms, k)` before calibration batch
     k for an equal-weight average over batches, as `recalibrate_bn`. Restored on exit."""
     norms = _stat_norms(model)
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in norms]
-    try:
-        for m, _ in modes:
-            m.training = False
-        for m in norms:
-            m.training = True
-        with eager_blocks(model):
+    momenta = [m.momentum for m in norms]
+    with _all_modes_kept(model), eager_blocks(model):
+        try:
+            stat_norms = set(norms)
+            for m in model.modules():
+                m.training = m in stat_norms
             yield norms
-    finally:
-        for m, momentum in momenta:
-            m.momentum = momentum
-        for m, mode in modes:
-            m.training = mode
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
 
 
 def calibration_batches(loader: Iterable, num_images: int, device: Optional[torch.device],
@@ -334,30 +335,15 @@ def _register_builtin() -> None:
 
     from ..models.cifar_resnet import CifarResNet
 
-    @register_tree_split(ResNet)
-    def _resnet(m: ResNet) -> TreeSplit:
-        return TreeSplit(stem=lambda x: m.maxpool(m.act1(m.bn1(m.conv1(x)))), head=m.forward_head)
-
-    @register_tree_split(CifarResNet)
-    def _cifar_resnet(m: CifarResNet) -> TreeSplit:
-        return TreeSplit(stem=m.stem, head=m.forward_head)
-
-    @register_tree_split(RegNet)
-    def _regnet(m: RegNet) -> TreeSplit:
-        return TreeSplit(stem=m.stem, head=lambda x: m.forward_head(m.final_conv(x)))
-
-    @register_tree_split(ConvNeXt)
-    def _convnext(m: ConvNeXt) -> TreeSplit:
-        return TreeSplit(stem=m.stem, head=lambda x: m.forward_head(m.norm_pre(x)),
-                         enter=tuple(stage.downsample for stage in m.stages))
-
-    @register_tree_split(EfficientNet)
-    def _efficientnet(m: EfficientNet) -> TreeSplit:
-        return TreeSplit(stem=lambda x: m.bn1(m.conv_stem(x)), head=lambda x: m.forward_head(m.bn2(m.conv_head(x))))
-
-    @register_tree_split(MobileNetV3)
-    def _mobilenetv3(m: MobileNetV3) -> TreeSplit:
-        return TreeSplit(stem=lambda x: m.bn1(m.conv_stem(x)), head=m.forward_head)
+    register_tree_split(ResNet, lambda m: TreeSplit(stem=lambda x: m.maxpool(m.act1(m.bn1(m.conv1(x)))),
+                                                    head=m.forward_head))
+    register_tree_split(CifarResNet, lambda m: TreeSplit(stem=m.stem, head=m.forward_head))
+    register_tree_split(RegNet, lambda m: TreeSplit(stem=m.stem, head=lambda x: m.forward_head(m.final_conv(x))))
+    register_tree_split(ConvNeXt, lambda m: TreeSplit(stem=m.stem, head=lambda x: m.forward_head(m.norm_pre(x)),
+                                                      enter=tuple(stage.downsample for stage in m.stages)))
+    register_tree_split(EfficientNet, lambda m: TreeSplit(stem=lambda x: m.bn1(m.conv_stem(x)),
+                                                          head=lambda x: m.forward_head(m.bn2(m.conv_head(x)))))
+    register_tree_split(MobileNetV3, lambda m: TreeSplit(stem=lambda x: m.bn1(m.conv_stem(x)), head=m.forward_head))
 
 
 _register_builtin()

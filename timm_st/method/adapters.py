@@ -8,7 +8,7 @@ import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -16,7 +16,7 @@ from timm.utils.model import unwrap_model
 
 from .plan import SubnetPlan
 
-__all__ = ['Stage', 'register_subnet_adapter', 'subnet_stages', 'use_subnet', 'stage_depths']
+__all__ = ['Stage', 'register_subnet_adapter', 'subnet_stages', 'use_subnet', 'stage_depths', 'residual_stages']
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,7 @@ class Stage:
         if len(droppable) != len(self.container._modules):
             raise ValueError(
                 f'Stage has {len(self.container._modules)} blocks but {len(droppable)} droppable flags')
-        if droppable and droppable[0]:
-            droppable = (False,) + droppable[1:]
-        object.__setattr__(self, 'droppable', droppable)
+        object.__setattr__(self, 'droppable', (False,) + droppable[1:] if droppable else droppable)
 
     @property
     def depth(self) -> int:
@@ -46,12 +44,7 @@ class Stage:
     @property
     def max_tail_drop(self) -> int:
         """How many trailing blocks an ordered (prefix) plan may skip."""
-        n = 0
-        for d in reversed(self.droppable):
-            if not d:
-                break
-            n += 1
-        return n
+        return next((n for n, d in enumerate(reversed(self.droppable)) if not d), self.depth)
 
 
 _NARROWED: 'weakref.WeakSet[nn.Module]' = weakref.WeakSet()  # containers currently narrowed by use_subnet
@@ -88,32 +81,34 @@ def stage_depths(stages: Sequence[Stage]) -> Tuple[int, ...]:
     return tuple(s.depth for s in stages)
 
 
+def residual_stages(containers: Iterable[nn.Module], has_skip: Callable[[nn.Module], bool] = lambda block: True
+                    ) -> List[Stage]:
+    """One `Stage` per container, a block droppable when `has_skip(block)` (the first one never)."""
+    return [Stage(c, tuple(has_skip(b) for b in c._modules.values())) for c in containers]
+
+
 def _check_plan(stages: Sequence[Stage], plan: SubnetPlan) -> None:
     if len(plan.blocks) != len(stages):
         raise ValueError(f'SubnetPlan has {len(plan.blocks)} stages, the model has {len(stages)}')
     for s, (stage, kept) in enumerate(zip(stages, plan.blocks)):
         if kept[-1] >= stage.depth:
             raise ValueError(f'SubnetPlan stage {s} keeps block {kept[-1]} but the stage has {stage.depth}')
-        skipped = set(range(stage.depth)).difference(kept)
-        bad = sorted(i for i in skipped if not stage.droppable[i])
+        bad = sorted(i for i in set(range(stage.depth)).difference(kept) if not stage.droppable[i])
         if bad:
             raise ValueError(f'SubnetPlan stage {s} skips blocks {bad}, which have no skip connection')
 
 
 @contextmanager
-def use_subnet(stages: Sequence[Stage], plan: SubnetPlan) -> Iterator[None]:
-    """Within the block, the model runs only `plan`'s blocks; restored on exit, also on error.
-
-    Keep the block open through backward when grad checkpointing recomputes the forward.
-    """
-    _check_plan(stages, plan)
+def run_blocks(stages: Sequence[Stage], blocks: Sequence[Sequence[int]]) -> Iterator[None]:
+    """Within the block, stage `s` runs its blocks `blocks[s]` in that order (any order: a lesion study swaps
+    blocks; unchecked); restored on exit, also on error. `use_subnet` is this for a checked plan."""
     if any(stage.container in _NARROWED for stage in stages):
         raise RuntimeError('use_subnet: this model is already running a sub-network (nested use_subnet)')
     saved = []
     try:
-        for stage, kept in zip(stages, plan.blocks):
+        for stage, kept in zip(stages, blocks):
             modules = stage.container._modules
-            if len(kept) == len(modules):
+            if tuple(kept) == tuple(range(len(modules))):
                 continue
             names = list(modules)
             saved.append((stage.container, modules))
@@ -126,12 +121,13 @@ def use_subnet(stages: Sequence[Stage], plan: SubnetPlan) -> Iterator[None]:
             _NARROWED.discard(container)
 
 
-def _first_kept(n: int) -> Tuple[bool, ...]:
-    return tuple(i > 0 for i in range(n))
+def use_subnet(stages: Sequence[Stage], plan: SubnetPlan) -> ContextManager[None]:
+    """Within the block, the model runs only `plan`'s blocks; restored on exit, also on error.
 
-
-def _stages_all_residual(containers: Sequence[nn.Module]) -> List[Stage]:
-    return [Stage(c, _first_kept(len(c._modules))) for c in containers]
+    Keep the block open through backward when grad checkpointing recomputes the forward.
+    """
+    _check_plan(stages, plan)
+    return run_blocks(stages, plan.blocks)
 
 
 def _register_builtin() -> None:
@@ -142,34 +138,13 @@ def _register_builtin() -> None:
     from timm.models.resnet import ResNet
     from timm.models.vision_transformer import VisionTransformer
 
-    @register_subnet_adapter(ResNet)
-    def _resnet(model: ResNet) -> List[Stage]:
-        layers = [model.layer1, model.layer2, model.layer3, model.layer4]
-        return [
-            Stage(layer, tuple(i > 0 and getattr(b, 'downsample', None) is None for i, b in enumerate(layer)))
-            for layer in layers
-        ]
-
-    @register_subnet_adapter(RegNet)
-    def _regnet(model: RegNet) -> List[Stage]:
-        return _stages_all_residual([model.s1, model.s2, model.s3, model.s4])
-
-    @register_subnet_adapter(ConvNeXt)
-    def _convnext(model: ConvNeXt) -> List[Stage]:
-        return _stages_all_residual([stage.blocks for stage in model.stages])
-
-    @register_subnet_adapter(VisionTransformer)
-    def _vit(model: VisionTransformer) -> List[Stage]:
-        return _stages_all_residual([model.blocks])
-
-    def _mbconv(model: nn.Module) -> List[Stage]:
-        return [
-            Stage(stage, tuple(i > 0 and bool(getattr(b, 'has_skip', False)) for i, b in enumerate(stage)))
-            for stage in model.blocks
-        ]
-
-    register_subnet_adapter(EfficientNet, _mbconv)
-    register_subnet_adapter(MobileNetV3, _mbconv)
+    no_downsample = lambda b: getattr(b, 'downsample', None) is None
+    register_subnet_adapter(ResNet, lambda m: residual_stages([m.layer1, m.layer2, m.layer3, m.layer4], no_downsample))
+    register_subnet_adapter(RegNet, lambda m: residual_stages([m.s1, m.s2, m.s3, m.s4]))
+    register_subnet_adapter(ConvNeXt, lambda m: residual_stages([stage.blocks for stage in m.stages]))
+    register_subnet_adapter(VisionTransformer, lambda m: residual_stages([m.blocks]))
+    for cls in (EfficientNet, MobileNetV3):
+        register_subnet_adapter(cls, lambda m: residual_stages(m.blocks, lambda b: bool(getattr(b, 'has_skip', False))))
 
 
 _register_builtin()

@@ -10,14 +10,11 @@ projection in the first block of stages 2 and 3, where the block halves the reso
 doubles the width. The paper's headline CIFAR numbers use option A (zero-padded identity), which
 has no parameters, so option B adds 2,752 parameters (about 1 % of resnet20) to the paper's counts.
 
-No weights are published for these models; `pretrained=True` raises timm's "no pretrained
-weights" error.
-
-Importing this module registers a `timm_st` sub-network adapter for `CifarResNet`: one `Stage`
-per stage, where every block after the first with an identity shortcut is droppable.
+No weights are published (`pretrained=True` raises timm's error). Importing this module registers a
+sub-network adapter for `CifarResNet`: every block after the first with an identity shortcut is droppable.
 """
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -26,13 +23,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ..method.adapters import Stage, register_subnet_adapter
+from ..method.adapters import register_subnet_adapter, residual_stages
 
 __all__ = ['CifarResNet', 'CifarBasicBlock']
-
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-
 
 def _conv3x3(in_chs: int, out_chs: int, stride: int = 1, **dd) -> nn.Conv2d:
     return nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, bias=False, **dd)
@@ -46,17 +39,9 @@ class CifarBasicBlock(nn.Module):
     `drop_path` is the stochastic-depth rate applied to the residual branch in training.
     """
 
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            stride: int = 1,
-            drop_path: float = 0.,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_path: float = 0.,
+                 act_layer: Type[nn.Module] = nn.ReLU, norm_layer: Type[nn.Module] = nn.BatchNorm2d, device=None,
+                 dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.conv1 = _conv3x3(in_chs, out_chs, stride, **dd)
@@ -66,13 +51,10 @@ class CifarBasicBlock(nn.Module):
         self.bn2 = norm_layer(out_chs, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.act2 = act_layer(inplace=True)
-        if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(OrderedDict([
-                ('conv', nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False, **dd)),
-                ('bn', norm_layer(out_chs, **dd)),
-            ]))
-        else:
-            self.downsample = None
+        self.downsample = None if stride == 1 and in_chs == out_chs else nn.Sequential(OrderedDict([
+            ('conv', nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False, **dd)),
+            ('bn', norm_layer(out_chs, **dd)),
+        ]))
 
     @property
     def has_identity(self) -> bool:
@@ -91,11 +73,8 @@ class CifarBasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """The CIFAR ResNet of He et al. (2016): depth 6n + 2 with `depths=(n, n, n)`.
-
-    Layout: `stem` (conv 3x3 / BN / ReLU, stride 1) -> `stages` (an `nn.Sequential` of three
-    `nn.Sequential`s of `CifarBasicBlock`, widths `widths`, strides 1/2/2) -> global pool ->
-    dropout (`drop_rate`) -> `fc`. Projection (option B) shortcuts where a block changes shape.
+    """The CIFAR ResNet of He et al. (2016): depth 6n + 2 with `depths=(n, n, n)`: `stem` (conv 3x3 / BN /
+    ReLU) -> `stages` (`nn.Sequential`s of `CifarBasicBlock`, strides 1/2/2) -> global pool -> dropout -> `fc`.
 
     Args:
         depths: Number of blocks in each stage.
@@ -109,21 +88,10 @@ class CifarResNet(nn.Module):
         act_layer, norm_layer: Activation and normalization layer classes.
     """
 
-    def __init__(
-            self,
-            depths: Tuple[int, ...] = (3, 3, 3),
-            widths: Tuple[int, ...] = (16, 32, 64),
-            num_classes: int = 100,
-            in_chans: int = 3,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            zero_init_last: bool = False,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, depths: Tuple[int, ...] = (3, 3, 3), widths: Tuple[int, ...] = (16, 32, 64),
+                 num_classes: int = 100, in_chans: int = 3, global_pool: str = 'avg', drop_rate: float = 0.,
+                 drop_path_rate: float = 0., zero_init_last: bool = False, act_layer: Type[nn.Module] = nn.ReLU,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d, device=None, dtype=None):
         super().__init__()
         if len(depths) != len(widths):
             raise ValueError(f'depths {depths} and widths {widths} must have the same length')
@@ -140,24 +108,16 @@ class CifarResNet(nn.Module):
         ]))
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module='stem.act')]
 
-        total_blocks = sum(depths)
-        block_dpr = [drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
-        stages = []
-        in_chs = widths[0]
-        reduction = 1
-        block_idx = 0
+        rates = iter([drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))])  # rising from 0
+        stages, in_chs = [], widths[0]
         for stage_idx, (depth, out_chs) in enumerate(zip(depths, widths)):
-            stride = 1 if stage_idx == 0 else 2
-            reduction *= stride
-            blocks = []
+            stride, blocks = (1 if stage_idx == 0 else 2), []
             for i in range(depth):
-                blocks.append(CifarBasicBlock(
-                    in_chs, out_chs, stride=stride if i == 0 else 1, drop_path=block_dpr[block_idx],
-                    act_layer=act_layer, norm_layer=norm_layer, **dd))
+                blocks.append(CifarBasicBlock(in_chs, out_chs, stride if i == 0 else 1, next(rates), act_layer,
+                                              norm_layer, **dd))
                 in_chs = out_chs
-                block_idx += 1
             stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{stage_idx}'))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=2 ** stage_idx, module=f'stages.{stage_idx}'))
         self.stages = nn.Sequential(*stages)
 
         self.num_features = self.head_hidden_size = in_chs
@@ -182,10 +142,7 @@ class CifarResNet(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups for layer-wise LR decay: the stem, then stages (coarse) or blocks."""
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)',
-        )
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -200,22 +157,18 @@ class CifarResNet(nn.Module):
         """Replace the classifier (and the pooling, if `global_pool` is given) for `num_classes` outputs."""
         p = next(self.parameters())
         self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
         self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, device=p.device, dtype=p.dtype)
+            self.num_features, num_classes, pool_type=pool_type, device=p.device, dtype=p.dtype)
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            # one checkpoint per block; iterates each stage's current children, so sub-networks
-            # selected with timm_st.use_subnet are respected
-            x = checkpoint_seq(self.stages, x, flatten=True)
-        else:
-            x = self.stages(x)
-        return x
+            # one checkpoint per block of each stage's current children, so use_subnet's sub-networks are respected
+            return checkpoint_seq(self.stages, x, flatten=True)
+        return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -227,70 +180,27 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _create_cifar_resnet(variant: str, n: int, pretrained: bool = False, **kwargs) -> CifarResNet:
-    model_args = dict(depths=(n, n, n), widths=(16, 32, 64))
-    return build_model_with_cfg(
-        CifarResNet, variant, pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
-        **dict(model_args, **kwargs),
-    )
+_BLOCKS_AND_PARAMS = {3: '0.27M', 5: '0.46M', 7: '0.66M', 9: '0.85M', 18: '1.7M'}  # params at 10 classes
+default_cfgs = generate_default_cfgs({f'resnet{6 * n + 2}_cifar': {
+    'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0, 'interpolation': 'bilinear',
+    'mean': (0.5071, 0.4865, 0.4409), 'std': (0.2673, 0.2564, 0.2762),  # CIFAR-100's
+    'first_conv': 'stem.conv', 'classifier': 'fc',
+} for n in _BLOCKS_AND_PARAMS})
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
-        'first_conv': 'stem.conv', 'classifier': 'fc',
-        **kwargs,
-    }
+def _register(n: int, params: str) -> None:
+    """Register the entrypoint `resnet{6n + 2}_cifar` with timm (and as a name of this module)."""
+    name = f'resnet{6 * n + 2}_cifar'
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> CifarResNet:
+        model_args = dict(dict(depths=(n, n, n), widths=(16, 32, 64)), **kwargs)
+        feature_cfg = dict(flatten_sequential=True, out_indices=(0, 1, 2, 3))
+        return build_model_with_cfg(CifarResNet, name, pretrained, feature_cfg=feature_cfg, **model_args)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f'ResNet-{6 * n + 2} for CIFAR ({n} blocks per stage, ~{params} params at 10 classes).'
+    globals()[name] = register_model(entrypoint)
 
 
-default_cfgs = generate_default_cfgs({
-    'resnet20_cifar': _cfg(),
-    'resnet32_cifar': _cfg(),
-    'resnet44_cifar': _cfg(),
-    'resnet56_cifar': _cfg(),
-    'resnet110_cifar': _cfg(),
-})
-
-
-@register_model
-def resnet20_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-20 for CIFAR (3 blocks per stage, ~0.27M params at 10 classes)."""
-    return _create_cifar_resnet('resnet20_cifar', 3, pretrained, **kwargs)
-
-
-@register_model
-def resnet32_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-32 for CIFAR (5 blocks per stage, ~0.46M params at 10 classes)."""
-    return _create_cifar_resnet('resnet32_cifar', 5, pretrained, **kwargs)
-
-
-@register_model
-def resnet44_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-44 for CIFAR (7 blocks per stage, ~0.66M params at 10 classes)."""
-    return _create_cifar_resnet('resnet44_cifar', 7, pretrained, **kwargs)
-
-
-@register_model
-def resnet56_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-56 for CIFAR (9 blocks per stage, ~0.85M params at 10 classes)."""
-    return _create_cifar_resnet('resnet56_cifar', 9, pretrained, **kwargs)
-
-
-@register_model
-def resnet110_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-110 for CIFAR (18 blocks per stage, ~1.7M params at 10 classes)."""
-    return _create_cifar_resnet('resnet110_cifar', 18, pretrained, **kwargs)
-
-
-def _cifar_resnet_stages(model: CifarResNet) -> List[Stage]:
-    """One `Stage` per `model.stages[i]`; a block is droppable if it is not first and has an identity shortcut."""
-    return [
-        Stage(stage, tuple(i > 0 and block.downsample is None for i, block in enumerate(stage)))
-        for stage in model.stages
-    ]
-
-
-register_subnet_adapter(CifarResNet, _cifar_resnet_stages)
+for _n, _params in _BLOCKS_AND_PARAMS.items():
+    _register(_n, _params)
+register_subnet_adapter(CifarResNet, lambda model: residual_stages(model.stages, lambda b: b.downsample is None))
