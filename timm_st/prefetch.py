@@ -1,20 +1,14 @@
 """A guard for timm's `PrefetchLoader` on timm releases whose prefetcher lets a batch's GPU memory be reused
 while the training step still reads it.
 
-timm's `PrefetchLoader` copies and normalises each batch on a side CUDA stream, and the step consumes it on
-the current stream. Up to timm 1.0.28 nothing tells the caching allocator that the current stream uses the
-batch: once the step drops it, its block goes back to the side stream's pool at once, and the copy of a later
-batch on the side stream may write into it while kernels queued on the current stream still read it. A loop
-that waits for the GPU every step (timm's own train.py reads `loss.item()` per step) never meets this; timm-st
-reads values back only on log steps and evaluates without per-batch reads, so the host runs ahead of the GPU
-and it can. timm fixed its prefetcher (the side stream waits for the consumer before each copy; timm 1.0.31
-has it), in the same change that made the prefetch stream a persistent `stream` attribute of the loader,
-which is how `guard_prefetcher` tells the two apart.
-
-The guard keeps timm >= 1.0.27 supported (raising the minimum would drop the train.py releases the hook
-supports): each batch an unfixed prefetcher yields is recorded on the stream that is current when it is
-yielded (`Tensor.record_stream`), so the allocator reuses its memory only after that stream's work queued
-before the batch was freed has finished.
+The prefetcher copies each batch on a side CUDA stream and the step consumes it on the current one. Up to timm
+1.0.28 nothing tells the caching allocator that the current stream uses the batch, so once the step drops it a
+later copy on the side stream may overwrite it while queued kernels still read it. timm's train.py waits for the
+GPU every step (`loss.item()`) and never meets this; timm-st reads values back only on log steps, so it can.
+timm 1.0.31's fixed prefetcher waits for the consumer and keeps its stream in a persistent `stream` attribute,
+which is how `guard_prefetcher` tells the two apart. For timm >= 1.0.27 (the train.py releases the hook
+supports), each batch an unfixed prefetcher yields is recorded on the stream current when it is yielded
+(`Tensor.record_stream`), so the allocator reuses its memory only after that stream's work has finished.
 """
 from typing import Any, Dict, Iterable, Iterator
 

@@ -17,21 +17,10 @@ from .evaluation import evaluate_routes
 __all__ = ['lesion_study']
 
 
-def lesion_study(
-        model: nn.Module,
-        loader: Iterable,
-        device: torch.device,
-        *,
-        max_removed: Optional[int] = None,
-        draws: int = 5,
-        seed: int = 0,
-        autocast: Callable[[], ContextManager] = nullcontext,
-        channels_last: bool = False,
-        max_samples: Optional[int] = None,
-        progress: Optional[Any] = None,
-        method: str = 'auto',
-        info: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
+def lesion_study(model: nn.Module, loader: Iterable, device: torch.device, *, max_removed: Optional[int] = None,
+                 draws: int = 5, seed: int = 0, autocast: Callable[[], ContextManager] = nullcontext,
+                 channels_last: bool = False, max_samples: Optional[int] = None, progress: Optional[Any] = None,
+                 method: str = 'auto', info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Top-1 of the model with its droppable blocks (`Stage.droppable`) removed or swapped.
 
     Returns `{'full': top1,
@@ -59,9 +48,7 @@ def lesion_study(
     def without(removed) -> tuple:
         return tuple(tuple(b for b in kept if (s, b) not in removed) for s, kept in enumerate(full))
 
-    routes = [full]
-    singles = list(droppable)
-    routes += [without({sb}) for sb in singles]
+    routes = [full] + [without({sb}) for sb in droppable]  # each droppable block removed alone
     generator = torch.Generator().manual_seed(seed)
     random_draws = []
     for k in range(1, max_removed + 1):
@@ -76,13 +63,11 @@ def lesion_study(
         order[b], order[b + 1] = order[b + 1], order[b]
         routes.append(tuple(tuple(order) if i == s else kept for i, kept in enumerate(full)))
 
-    top1 = [r['top1'] for r in evaluate_routes(
+    at = iter([r['top1'] for r in evaluate_routes(
         model, [(r, None) for r in routes], loader, device, autocast=autocast, channels_last=channels_last,
-        max_samples=max_samples, method=method, progress=progress, info=info)]
-
-    at = iter(top1)
+        max_samples=max_samples, method=method, progress=progress, info=info)])
     result: Dict[str, Any] = {'full': next(at)}
-    result['single'] = [{'stage': s, 'block': b, 'top1': next(at)} for s, b in singles]
+    result['single'] = [{'stage': s, 'block': b, 'top1': next(at)} for s, b in droppable]
     by_k: Dict[int, List[dict]] = {}
     for k, removed in random_draws:
         by_k.setdefault(k, []).append({'removed': [list(sb) for sb in removed], 'top1': next(at)})

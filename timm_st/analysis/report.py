@@ -29,14 +29,11 @@ def group_statistics(members: Sequence[Mapping[str, Optional[float]]]) -> Dict[s
     """For every key of the members' statistics: mean and sample std (n - 1) over the members (seeds);
     std is None for a single member, and a key missing in any member is None."""
     out = {}
-    keys = list(dict.fromkeys(k for m in members for k in m))
-    for key in keys:
+    for key in dict.fromkeys(k for m in members for k in m):
         values = [m.get(key) for m in members]
-        if not values or any(v is None for v in values):
-            out[key] = {'mean': None, 'std': None, 'n': len(values)}
-            continue
-        values = [float(v) for v in values]
-        out[key] = {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else None,
+        known = None not in values
+        out[key] = {'mean': statistics.fmean(map(float, values)) if known else None,
+                    'std': statistics.stdev(map(float, values)) if known and len(values) > 1 else None,
                     'n': len(values)}
     return out
 
@@ -64,13 +61,9 @@ def _training_curve(run: Optional[RunFolder]) -> Optional[Dict[str, List]]:
 def _source_entry(m, plans, modes: Sequence[str], ema: bool) -> Dict[str, Any]:
     """One source of analysis.json from its `measure.Measurement`."""
     s = m.source
-    subnets = []
-    for i, plan in enumerate(plans):
-        entry = {'depths': list(plan.depths), 'full': i == 0, 'relative_flops': m.flops[i]}
-        for mode in modes:
-            metrics = m.per_mode[mode][i]
-            entry[mode] = {k: metrics[k] for k in (*_METRICS, 'samples')}
-        subnets.append(entry)
+    subnets = [{'depths': list(plan.depths), 'full': i == 0, 'relative_flops': m.flops[i],
+                **{mode: {k: m.per_mode[mode][i][k] for k in (*_METRICS, 'samples')} for mode in modes}}
+               for i, plan in enumerate(plans)]
     stats = {mode: subnet_statistics(subnets[0][mode]['top1'], [e[mode]['top1'] for e in subnets[1:]])
              for mode in modes}
     return {
@@ -140,10 +133,7 @@ def write_outputs(analysis: Mapping[str, Any], output_dir: Path) -> None:
 def _fmt(stat: Optional[Mapping[str, Any]], digits: int = 2) -> str:
     if stat is None or stat.get('mean') is None:
         return '-'
-    text = f'{stat["mean"]:.{digits}f}'
-    if stat.get('std') is not None:
-        text += f' +- {stat["std"]:.{digits}f}'
-    return text
+    return f'{stat["mean"]:.{digits}f}' + (f' +- {stat["std"]:.{digits}f}' if stat.get('std') is not None else '')
 
 
 def format_table(analysis: Mapping[str, Any]) -> str:

@@ -12,23 +12,20 @@ BatchNorm re-estimation run these blocks eagerly (`eager_blocks`): they add no g
 statistics and per-batch momenta they use would otherwise each be guarded on.
 
 Compile modes. Every `torch.compile` mode is accepted (`check_compile_mode` refuses only modes torch
-does not know, or a mode with a backend that takes none). Modes with CUDA graphs (`reduce-overhead`,
-`max-autotune`) apply to the whole-model graph of the full pass, whose shapes and parameters are
-fixed; the blocks are compiled with the same options minus CUDA graphs (`block_compile_options`):
-blocks of one kind share code but not parameter addresses, sizes vary, and the sub-network passes run
-inside backward following random plans, so a recorded graph would neither be reused nor be safe to
-replay.
+does not know, or a mode with a backend that takes none). Modes with CUDA graphs apply to the
+whole-model graph of the full pass, whose shapes and parameters are fixed; the blocks get the same
+options minus CUDA graphs (`block_compile_options`): blocks of one kind share code but not parameter
+addresses, sizes vary, and the sub-network passes run inside backward following random plans, so a
+recorded graph would neither be reused nor be safe to replay.
 
 cuDNN autotuning. With `torch.backends.cudnn.benchmark` on, every new input shape autotunes every
-convolution (forward and both backward passes), at a cost that depends on the allocator's state at
-that moment. ST++ draws a new side for most sub-network passes (about 115 sides at crop 200), so
+convolution. ST++ draws a new side for most sub-network passes (about 115 sides at crop 200), so
 `subnet_cudnn_autotune(config)` turns autotuning off inside sub-network passes when sides vary and no
-size grid is set (`input_scale` with `input_size_multiple: 1`); the full pass keeps the caller's
-setting. With `input_size_multiple` > 1 (15 sides at crop 200 with 8) or without `input_scale`
-(sub-networks see the batch's own size), autotuning stays as the caller set it.
+size grid is set (`input_scale` with `input_size_multiple: 1`); otherwise, and in the full pass, it
+stays as the caller set it.
 """
-from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,25 +35,19 @@ __all__ = [
     'check_compile_mode', 'block_compile_options', 'eager_blocks', 'subnet_cudnn_autotune',
 ]
 
-# Calling contexts in which a compiled block runs, each with its own graph (dynamo guards on the
-# BatchNorm flags, train/eval mode and grad mode): a sub-network pass (train mode, gradients, running
-# statistics frozen by `bn: freeze`, or updated by `bn: update`), and the model called directly in train
-# mode with gradients, in train mode without gradients, and in eval mode. `eager_blocks` keeps the
-# package's own evaluation and BatchNorm re-estimation out of all of them.
+# Calling contexts in which a compiled block runs, each with its own graph (dynamo guards on the BatchNorm flags,
+# train/eval mode and grad mode): a sub-network pass (train mode, gradients, `bn: freeze` or `bn: update`), and
+# the model called directly in train mode with gradients, in train mode without, and in eval mode.
 BLOCK_CONTEXTS = 4
-# Shape buckets per block and context under dynamic shapes (square inputs, batch >= 2): dynamo specialises
-# a side of 1, so a block gets one graph for input side 1, one for side 2 when a strided layer inside it
-# turns that into 1 (a downsampling block), and one shared by every other side.
+# Shape buckets per block and context under dynamic shapes (square inputs, batch >= 2): dynamo specialises a side
+# of 1, so a block gets one graph for input side 1, one for side 2 when a strided layer inside it turns that into 1
+# (a downsampling block), and one shared by every other side.
 SHAPE_BUCKETS = 3
-# Dynamo's defaults, kept as headroom for what else a program compiles (the whole-model graph shares
-# the cache of `nn.Module._call_impl` with the in-place compiled blocks).
+# Dynamo's defaults, kept as headroom for what else a program compiles (the whole-model graph shares the cache of
+# `nn.Module._call_impl` with the in-place compiled blocks).
 _DEFAULT_LIMITS = {'recompile_limit': 8, 'accumulated_recompile_limit': 256}
 _OLD_LIMIT_NAMES = {'recompile_limit': 'cache_size_limit', 'accumulated_recompile_limit': 'accumulated_cache_size_limit'}
 _requested_graphs = 0  # graphs all compile() calls may need (dynamo's limits count per code object)
-
-
-def _blocks(stages: Iterable[Any]):
-    return [block for stage in stages for block in stage.container._modules.values()]
 
 
 def block_kinds(stages: Iterable[Any]) -> int:
@@ -64,31 +55,24 @@ def block_kinds(stages: Iterable[Any]) -> int:
     drop rates) trace to the same graphs, so compiled code is shared between them (dynamo inlines
     modules without guarding their identity; before torch 2.5 it does guard it: every block is a kind).
     With `drop_path_rate > 0` every block prints its own rate, so every block is its own kind."""
-    blocks = _blocks(stages)
-    if torch.__version__ < '2.5':
-        return len(blocks)
-    return len({repr(block) for block in blocks})
+    blocks = [block for stage in stages for block in stage.container._modules.values()]
+    return len(blocks) if torch.__version__ < '2.5' else len({repr(block) for block in blocks})
 
 
 def block_graph_bound(stages: Iterable[Any]) -> int:
     """The most block graphs a shape-generic compiler compiles for any plans, sizes and calling contexts:
-    `block_kinds x BLOCK_CONTEXTS x SHAPE_BUCKETS`. A compiler that specialises on the spatial size
-    (inductor does, see `BlockGraphBudget`) compiles this many per feature-map side."""
+    `block_kinds x BLOCK_CONTEXTS x SHAPE_BUCKETS` (per feature-map side with inductor, `BlockGraphBudget`)."""
     return block_kinds(stages) * BLOCK_CONTEXTS * SHAPE_BUCKETS
 
 
 class BlockGraphBudget:
-    """Keeps dynamo's recompile limits above what the compiled blocks can need, so that they never fall
-    back to eager silently (past a limit dynamo stops compiling `nn.Module._call_impl`, which every module
-    compiled in place shares, and the whole-model graph's code too).
+    """Keeps dynamo's recompile limits above what the compiled blocks can need (module docstring).
 
-    With a shape-generic compiler the blocks need `block_graph_bound(stages)` graphs whatever the sizes.
     Inductor (torch 2.14) specialises each block's backward graph on the spatial size of its input (its
     convolution-backward lowering turns the strides into constants), so every distinct sub-network input
     side adds up to `block_graph_bound(stages) x len(stages)` graphs (each kind sees one feature-map side
-    per stage). `admit` raises the limits by that much for each side the first time it is drawn; the
-    graphs actually compiled are bounded by the distinct sides the sampler draws: about 115 at crop 200
-    with `input_scale: [0.43, 1.0]`, 15 with `input_size_multiple: 8`.
+    per stage). `admit` raises the limits by that much for each side the first time it is drawn: about 115
+    sides at crop 200 with `input_scale: [0.43, 1.0]`, 15 with `input_size_multiple: 8`.
     """
 
     def __init__(self, stages: Iterable[Any]):
@@ -99,15 +83,9 @@ class BlockGraphBudget:
 
     def admit(self, sides: Iterable[int]) -> None:
         """Make room for the graphs of sub-network input `sides` not seen before."""
-        for side in sides:
-            if side not in self.sides:
-                self.sides.add(side)
-                raise_recompile_limits(self.per_side)
-
-
-def _limit_name(name: str) -> str:
-    config = torch._dynamo.config
-    return name if hasattr(config, name) else _OLD_LIMIT_NAMES[name]
+        for side in set(sides) - self.sides:
+            self.sides.add(side)
+            raise_recompile_limits(self.per_side)
 
 
 def raise_recompile_limits(graphs: int) -> None:
@@ -118,7 +96,7 @@ def raise_recompile_limits(graphs: int) -> None:
     _requested_graphs += graphs
     config = torch._dynamo.config
     for name, default in _DEFAULT_LIMITS.items():
-        key = _limit_name(name)
+        key = name if hasattr(config, name) else _OLD_LIMIT_NAMES[name]
         setattr(config, key, max(getattr(config, key), default + _requested_graphs))
 
 
@@ -167,17 +145,13 @@ def eager_blocks(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _cudnn_autotune_off() -> Iterator[None]:
+def subnet_cudnn_autotune(config: Any) -> Iterator[None]:
+    """The cuDNN autotuning policy of sub-network passes (see the module docstring): off while sides vary
+    without a size grid, else the caller's setting (restored on exit)."""
     saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
+    if config.input_scale is not None and config.input_size_multiple == 1:
+        torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
         torch.backends.cudnn.benchmark = saved
-
-
-def subnet_cudnn_autotune(config: Any) -> ContextManager:
-    """The cuDNN autotuning policy of sub-network passes (see the module docstring): off while sides vary
-    without a size grid, else the caller's setting."""
-    varying = config.input_scale is not None and config.input_size_multiple == 1
-    return _cudnn_autotune_off() if varying else nullcontext()

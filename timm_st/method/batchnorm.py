@@ -15,21 +15,13 @@ def _stat_norms(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module a `torch.compile` wrapper holds (the model itself when not wrapped)."""
-    return getattr(model, '_orig_mod', model)
-
-
 def cumulative_momentum(norms: Iterable[nn.Module], batches_seen: int) -> None:
     """Set the momentum of `norms` for the next batch so that, from reset statistics, their running
     statistics become the equal-weight average of the batches: 1 / (k + 1) before batch k (0-based).
-
-    This is what `momentum=None` computes, but from a count kept on the host: with `momentum=None` every
-    norm layer converts its `num_batches_tracked` tensor to a Python float on every batch (a host-device
-    sync per layer per batch, and a value dynamo would guard on)."""
-    momentum = 1.0 / (batches_seen + 1)
+    `momentum=None` computes the same, but every norm layer would read its `num_batches_tracked` back to the
+    host on every batch (a host-device sync per layer per batch, and a value dynamo would guard on)."""
     for m in norms:
-        m.momentum = momentum
+        m.momentum = 1.0 / (batches_seen + 1)
 
 
 @contextmanager
@@ -47,13 +39,8 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def recalibrate_bn(
-        model: Union[nn.Module, Sequence[nn.Module]],
-        loader: Iterable,
-        num_images: int,
-        device: Optional[torch.device] = None,
-        autocast: Callable[[], ContextManager] = nullcontext,
-) -> int:
+def recalibrate_bn(model: Union[nn.Module, Sequence[nn.Module]], loader: Iterable, num_images: int,
+                   device: Optional[torch.device] = None, autocast: Callable[[], ContextManager] = nullcontext) -> int:
     """Re-estimate the running statistics of the norm layers of `model` (or of several models, e.g. the live
     model and its EMA, from the same images in one pass) on `num_images` training images.
 
@@ -64,7 +51,8 @@ def recalibrate_bn(
     Blocks compiled in place run eagerly here (no graphs are added for re-estimation), and nothing is
     read back from the device per batch (`cumulative_momentum`).
     """
-    models = [_uncompiled(each) for each in ([model] if isinstance(model, nn.Module) else model)]
+    models = [getattr(each, '_orig_mod', each)  # the module a torch.compile wrapper holds
+              for each in ([model] if isinstance(model, nn.Module) else model)]
     norms = [m for each in models for m in _stat_norms(each)]
     if not norms or num_images <= 0:
         return 0

@@ -44,15 +44,12 @@ def _is_number(v: Any) -> bool:
 @dataclass(frozen=True)
 class StimulativeConfig:
     """Settings of stimulative training; `from_dict` validates a recipe section (`DESCRIPTIONS` says what each
-    key means).
+    key means, the cheaper schedules `subnet_interval` and `subnet_batch_fraction` included).
 
     The loss of a training step is `main + coef * sum_i loss_i`: `main` is the criterion on the full network's
     logits, and each of the `num_subnets` sampled sub-networks (residual blocks dropped by the sampler, the
     batch optionally resized by `input_scale`) is trained by `loss_i` to imitate the full network's detached
-    logits. `coef` follows `coef_schedule` over the epochs and is 0 before `start_epoch`. The cheaper
-    schedules reduce the sub-network work: `subnet_interval: k` runs sub-networks on training steps
-    0, k, 2k, ... only (a step is one `task(x, y)` call with gradients enabled: one micro-batch), and
-    `subnet_batch_fraction: f` runs them on the first `subnet_batch_size(B)` images of the batch only.
+    logits. `coef` follows `coef_schedule` over the epochs and is 0 before `start_epoch`.
     """
 
     num_subnets: int = 1
@@ -82,8 +79,7 @@ class StimulativeConfig:
         unknown = sorted(set(section) - set(known))
         if unknown:
             raise ValueError(f'stimulative: unknown key(s) {unknown}; allowed keys: {known}')
-        values = {k: section.get(k, getattr(cls, k)) for k in known}
-        v = values
+        v = {k: section.get(k, getattr(cls, k)) for k in known}
 
         for key in ('num_subnets', 'start_epoch', 'recalibrate_bn', 'seed'):
             if not _is_int(v[key]) or (key != 'seed' and v[key] < 0):
@@ -227,7 +223,7 @@ def describe_method(stimulative: Optional[Mapping[str, Any]]) -> Tuple[str, str,
         config = StimulativeConfig.from_dict(stimulative)
     except ValueError:  # written by another timm-st version: describe it as is
         return 'st', 'stimulative training', []
-    normalized = config.subnet_loss.normalized_logits
+    normalized = config.normalizes_main_logits
     if config.num_subnets == 0 or config.coef == 0:
         why = '`num_subnets: 0`' if config.num_subnets == 0 else '`coef: 0`'
         if normalized:
@@ -245,18 +241,13 @@ def describe_method(stimulative: Optional[Mapping[str, Any]]) -> Tuple[str, str,
     if config.sampler == 'ordered' and isinstance(config.sample_space, str) and config.sample_space != 'default':
         strategies.append(f'inter-stage sampling rule (sample space {config.sample_space})')
     tag, description = ('stpp', 'stimulative training++ (ST++)') if strategies else ('st', 'stimulative training (ST)')
-    return tag, description + _schedule_text(config), strategies
+    schedule = []  # the cheaper sub-network schedule, if any
+    if config.subnet_interval > 1:
+        schedule.append(f'on every {_ordinal(config.subnet_interval)} step')
+    if config.subnet_batch_fraction < 1:
+        schedule.append(f'on {100 * config.subnet_batch_fraction:g}% of each batch')
+    return tag, description + (f' with sub-networks {" and ".join(schedule)}' if schedule else ''), strategies
 
 
 def _ordinal(n: int) -> str:
     return f'{n}{"th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")}'
-
-
-def _schedule_text(config: StimulativeConfig) -> str:
-    """The cheaper sub-network schedule, for a method's description ('' for sub-networks on every whole batch)."""
-    parts = []
-    if config.subnet_interval > 1:
-        parts.append(f'on every {_ordinal(config.subnet_interval)} step')
-    if config.subnet_batch_fraction < 1:
-        parts.append(f'on {100 * config.subnet_batch_fraction:g}% of each batch')
-    return f' with sub-networks {" and ".join(parts)}' if parts else ''

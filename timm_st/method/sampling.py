@@ -27,11 +27,8 @@ SpaceSpec = Union[str, Mapping[str, Sequence[int]]]
 _SPACES: Dict[str, Tuple[Optional[Tuple[int, ...]], Callable[[Tuple[int, ...]], Tuple[int, ...]]]] = {}
 
 
-def register_sample_space(
-        name: str,
-        max_drop: Union[Sequence[int], Callable[[Tuple[int, ...]], Sequence[int]]],
-        depths: Optional[Sequence[int]] = None,
-) -> None:
+def register_sample_space(name: str, max_drop: Union[Sequence[int], Callable[[Tuple[int, ...]], Sequence[int]]],
+                          depths: Optional[Sequence[int]] = None) -> None:
     """Register a named space: a fixed `max_drop` per stage for networks of stage `depths`,
     or a function `depths -> max_drop` for any layout."""
     if callable(max_drop):
@@ -94,17 +91,11 @@ def resolve_sample_space(space: SpaceSpec, stages: Sequence[Stage]) -> Tuple[int
 
 
 register_sample_space('default', lambda depths: [d - 1 for d in depths])
-for _name, _max_drop in {
-        'space1': (1, 2, 4, 1),
-        'space2': (1, 2, 5, 2),
-        'space3': (0, 1, 3, 0),
-        'space4': (0, 1, 4, 1),
-        'space5': (0, 0, 2, 0),
-        'space6': (0, 1, 3, 1),
-        'space7': (0, 2, 4, 0),
+for _name, _max_drop in {  # the paper's inter-stage spaces, for ResNet-50's stage depths
+    'space1': (1, 2, 4, 1), 'space2': (1, 2, 5, 2), 'space3': (0, 1, 3, 0), 'space4': (0, 1, 4, 1),
+    'space5': (0, 0, 2, 0), 'space6': (0, 1, 3, 1), 'space7': (0, 2, 4, 0),
 }.items():
     register_sample_space(_name, _max_drop, depths=(3, 4, 6, 3))
-
 
 
 class SubnetSampler:
@@ -118,18 +109,12 @@ class SubnetSampler:
     Subclasses implement `_draw_blocks()`.
     """
 
-    def __init__(
-            self,
-            input_scale: Optional[Tuple[float, float]] = None,
-            seed: int = 0,
-            input_size_multiple: int = 1,
-    ):
+    def __init__(self, input_scale: Optional[Tuple[float, float]] = None, seed: int = 0, input_size_multiple: int = 1):
         if not isinstance(input_size_multiple, int) or isinstance(input_size_multiple, bool) or input_size_multiple < 1:
             raise ValueError(f'input_size_multiple must be an integer >= 1, got {input_size_multiple!r}')
         self.input_scale = tuple(input_scale) if input_scale is not None else None
         self.input_size_multiple = input_size_multiple
-        self.generator = torch.Generator(device='cpu')
-        self.generator.manual_seed(seed)
+        self.generator = torch.Generator(device='cpu').manual_seed(seed)
 
     def _randint(self, low: int, high: int) -> int:
         """Uniform integer in [low, high]."""
@@ -160,14 +145,8 @@ class SubnetSampler:
 class OrderedSubnetSampler(SubnetSampler):
     """Keep a prefix of every stage; the dropped tail length of stage s is uniform in 0..max_drop[s]."""
 
-    def __init__(
-            self,
-            depths: Sequence[int],
-            max_drop: Sequence[int],
-            input_scale: Optional[Tuple[float, float]] = None,
-            seed: int = 0,
-            input_size_multiple: int = 1,
-    ):
+    def __init__(self, depths: Sequence[int], max_drop: Sequence[int],
+                 input_scale: Optional[Tuple[float, float]] = None, seed: int = 0, input_size_multiple: int = 1):
         super().__init__(input_scale, seed, input_size_multiple)
         if len(depths) != len(max_drop) or any(not 0 <= m < d for d, m in zip(depths, max_drop)):
             raise ValueError(f'max_drop {list(max_drop)} does not fit stage depths {list(depths)}')
@@ -186,25 +165,13 @@ class RandomSubnetSampler(SubnetSampler):
     stage, are always kept.
     """
 
-    def __init__(
-            self,
-            stages: Sequence[Stage],
-            min_keep_prob: float = 0.8,
-            input_scale: Optional[Tuple[float, float]] = None,
-            seed: int = 0,
-            input_size_multiple: int = 1,
-    ):
+    def __init__(self, stages: Sequence[Stage], min_keep_prob: float = 0.8,
+                 input_scale: Optional[Tuple[float, float]] = None, seed: int = 0, input_size_multiple: int = 1):
         super().__init__(input_scale, seed, input_size_multiple)
-        total = sum(s.depth for s in stages)
-        probs, l = [], 0
-        for stage in stages:
-            stage_probs = []
-            for droppable in stage.droppable:
-                p = 1.0 - (l / max(total - 1, 1)) * (1.0 - min_keep_prob)
-                stage_probs.append(p if droppable else 1.0)
-                l += 1
-            probs.append(torch.tensor(stage_probs, dtype=torch.float64))
-        self.keep_probs = probs
+        flags = [d for stage in stages for d in stage.droppable]  # block l of the network (across stages)
+        keep = iter([1.0 - (l / max(len(flags) - 1, 1)) * (1.0 - min_keep_prob) if d else 1.0
+                     for l, d in enumerate(flags)])
+        self.keep_probs = [torch.tensor([next(keep) for _ in stage.droppable], dtype=torch.float64) for stage in stages]
 
     def _draw_blocks(self) -> Tuple[Tuple[int, ...], ...]:
         draws = [torch.rand(len(p), generator=self.generator, dtype=torch.float64) < p for p in self.keep_probs]

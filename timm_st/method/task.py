@@ -14,10 +14,6 @@ one optimizer step):
 Under DDP the main pass and all but the last sub-network bypass the DDP wrapper; the last
 sub-network runs through it, so DDP's single reduction covers every accumulated gradient
 (DDP counts parameters used during its no-sync passes as used) and happens after all of them.
-
-`compile()` compiles the full network as one graph for the main pass, and each block of the stages
-in place (regional compilation, dynamic shapes) for the sub-network passes, so every sub-network,
-at every input size, runs the same compiled blocks.
 """
 import inspect
 import logging
@@ -32,9 +28,7 @@ from timm.task import TrainingTask
 from timm.utils import distribute_bn
 
 from .adapters import subnet_stages, use_subnet, stage_depths
-from .backends import (
-    BlockGraphBudget, block_compile_options, check_compile_mode, subnet_cudnn_autotune,
-)
+from .backends import BlockGraphBudget, block_compile_options, check_compile_mode, subnet_cudnn_autotune
 from .batchnorm import frozen_running_stats, recalibrate_bn
 from .config import StimulativeConfig
 from .losses import normalize_logits
@@ -64,14 +58,10 @@ class _SubnetStep:
     """What one step's sub-network passes need, captured at forward time."""
 
     def __init__(self, task: 'StimulativeTask', x, target, teacher, plans: List[SubnetPlan], coef: float):
-        self.task = task
-        self.x = x
-        self.target = target
+        self.task, self.x, self.target, self.plans, self.coef = task, x, target, plans, coef
         # a copy: the logits may be a compiled graph's output, which a later replay of that graph (CUDA
         # graphs) can overwrite in place while the sub-network passes still read the teacher
         self.teacher = teacher.clone()
-        self.plans = plans
-        self.coef = coef
         self.device_type = x.device.type
         self.autocast = torch.is_autocast_enabled(self.device_type)
         self.autocast_dtype = torch.get_autocast_dtype(self.device_type)
@@ -132,17 +122,9 @@ class StimulativeTask(TrainingTask):
     selects from; it is checkpointed with the sampler's state, so a resumed run continues both.
     """
 
-    def __init__(
-            self,
-            model: nn.Module,
-            config: Union[None, Mapping[str, Any], StimulativeConfig] = None,
-            criterion: Optional[Callable] = None,
-            sampler: Optional[Any] = None,
-            num_epochs: Optional[int] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-            verbose: bool = True,
-    ):
+    def __init__(self, model: nn.Module, config: Union[None, Mapping[str, Any], StimulativeConfig] = None,
+                 criterion: Optional[Callable] = None, sampler: Optional[Any] = None, num_epochs: Optional[int] = None,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, verbose: bool = True):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.config = config if isinstance(config, StimulativeConfig) else StimulativeConfig.from_dict(config)
         cfg = self.config
@@ -165,20 +147,16 @@ class StimulativeTask(TrainingTask):
         if cfg.num_subnets > 0 or sampler is not None:
             self.stages = subnet_stages(model)
             if sampler is None:
-                self.sampler = self._build_sampler()
+                common = (cfg.input_scale, cfg.seed, cfg.input_size_multiple)
+                if cfg.sampler == 'random':
+                    self.sampler = RandomSubnetSampler(self.stages, cfg.min_keep_prob, *common)
+                else:
+                    max_drop = resolve_sample_space(cfg.sample_space, self.stages)
+                    self.sampler = OrderedSubnetSampler(stage_depths(self.stages), max_drop, *common)
         self._sample_takes_height = self.sampler is not None and (
             'input_height' in inspect.signature(self.sampler.sample).parameters)
         if verbose:
             _logger.info(f'{type(self).__name__}: {cfg}')
-
-    def _build_sampler(self):
-        cfg = self.config
-        if cfg.sampler == 'random':
-            return RandomSubnetSampler(self.stages, cfg.min_keep_prob, cfg.input_scale, cfg.seed,
-                                       cfg.input_size_multiple)
-        max_drop = resolve_sample_space(cfg.sample_space, self.stages)
-        return OrderedSubnetSampler(stage_depths(self.stages), max_drop, cfg.input_scale, cfg.seed,
-                                    cfg.input_size_multiple)
 
     @property
     def model(self) -> nn.Module:
@@ -205,12 +183,12 @@ class StimulativeTask(TrainingTask):
             models.append(getattr(ema, 'module', ema))  # timm's ModelEma* keeps the copy in .module
         images = (batch[0] if isinstance(batch, (tuple, list)) else batch for batch in train_loader)
         seen = recalibrate_bn(models, images, num_images, autocast=amp_autocast)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                live_device = next(self.model.parameters()).device
-                for model in models:  # an EMA kept on the CPU only (model_ema_force_cpu) is not reduced
-                    if next(model.parameters()).device == live_device:
-                        distribute_bn(model, torch.distributed.get_world_size(), True)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            live_device = next(self.model.parameters()).device
+            for model in models:  # an EMA kept on the CPU only (model_ema_force_cpu) is not reduced
+                if next(model.parameters()).device == live_device:
+                    distribute_bn(model, dist.get_world_size(), True)
         if self.verbose:
             which = 'the model and its EMA' if len(models) > 1 else 'the model'
             _logger.info(f'Re-estimated BatchNorm statistics of {which} on {seen} training images (epoch {self.epoch})')
@@ -223,23 +201,19 @@ class StimulativeTask(TrainingTask):
         """Sub-networks of the step about to run: none without gradients, at coef 0, and on steps whose index
         `train_steps` is not a multiple of `subnet_interval` (the same on every rank: each calls once a
         micro-batch)."""
-        if self.sampler is None or not torch.is_grad_enabled() or self.current_coef() == 0:
-            return 0
-        if self.train_steps % self.config.subnet_interval:
+        if self.sampler is None or not torch.is_grad_enabled() or self.current_coef() == 0 \
+                or self.train_steps % self.config.subnet_interval:
             return 0
         return self.config.num_subnets
 
     def _run(self, x: torch.Tensor, subnet: bool, sync: bool) -> torch.Tensor:
         """Run the model; through DDP (whose backward reduces gradients) only when `sync`."""
-        module = self.trainable_module
-        if sync and isinstance(module, DistributedDataParallel):
-            return module(x, subnet=subnet)
-        return self._runner(x, subnet=subnet)
+        through_ddp = sync and isinstance(self.trainable_module, DistributedDataParallel)
+        return (self.trainable_module if through_ddp else self._runner)(x, subnet=subnet)
 
     def _logits_for_loss(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.config.subnet_loss.normalized_logits:
-            return normalize_logits(logits, self.config.norm, self.config.amplitude)
-        return logits
+        cfg = self.config
+        return normalize_logits(logits, cfg.norm, cfg.amplitude) if cfg.subnet_loss.normalized_logits else logits
 
     def _subnet_loss(self, output: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.config.subnet_loss.fn(self._logits_for_loss(output), teacher, target, self.config.temperature)
@@ -248,9 +222,7 @@ class StimulativeTask(TrainingTask):
         return frozen_running_stats(self.model) if self.config.bn == 'freeze' else nullcontext()
 
     def _sample(self, input_height: int) -> SubnetPlan:
-        if self._sample_takes_height:
-            return self.sampler.sample(input_height=input_height)
-        return self.sampler.sample()
+        return self.sampler.sample(input_height=input_height) if self._sample_takes_height else self.sampler.sample()
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Full-network pass and loss; the sub-network passes run during the loop's backward.
@@ -275,27 +247,15 @@ class StimulativeTask(TrainingTask):
     # --- timm task contract -------------------------------------------------------------------
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the full network as one graph (`torch.compile(model)`, the main pass and the eval
-        model, returned) and, with sub-networks, each block of the stages in place for the sub-network
-        passes (regional compilation, `nn.Module.compile`: same modules, same state_dict keys; an EMA
-        copy made afterwards is an eager copy).
-
-        `use_subnet` narrows the stage containers, which run eagerly, so every sub-network runs the
-        same compiled blocks, with dynamic shapes (`dynamic=True` for the blocks). Block compilations are
-        bounded by `block_graph_bound(stages)` = `block_kinds(stages) x 4 contexts (sub-network pass; the
-        model called directly in train mode with gradients, in train mode without, in eval mode) x 3 shape
-        buckets (a feature-map side of 1 at a block's input, or inside it, or neither)`, whatever plans are
-        drawn, for a compiler that keeps sizes symbolic; inductor specialises block graphs on the feature-map
-        side, so with it the bound holds per distinct sub-network input side (`BlockGraphBudget`;
-        `input_size_multiple` bounds the sides). The package's sub-network evaluation and BatchNorm
-        re-estimation run the blocks eagerly
-        and add none. The whole-model graph adds one per context and input shape (dynamo's automatic
-        dynamic shapes after the second). Dynamo's recompile limits (per function and total) are raised to
-        match, per side drawn, so compiled code never falls back to eager silently.
-
-        Every mode is accepted (`check_compile_mode` refuses unknown ones first): a mode with CUDA graphs
-        applies to the whole-model graph; the blocks get the same options without CUDA graphs (see
-        `timm_st.method.backends`). Other keyword arguments go to `torch.compile` for both.
+        """Compile the full network as one graph (`torch.compile(model)`: the main pass and the eval model,
+        returned) and, with sub-networks, each block of the stages in place for the sub-network passes (regional
+        compilation, `nn.Module.compile`, dynamic shapes: same modules, same state_dict keys; an EMA copy made
+        afterwards is an eager copy). `use_subnet` narrows the stage containers, which run eagerly, so every
+        sub-network runs the same compiled blocks; the package's sub-network evaluation and BatchNorm
+        re-estimation run them eagerly. Every mode is accepted (`check_compile_mode` refuses unknown ones); the
+        blocks get the same options without CUDA graphs. The bound on block graphs, dynamo's recompile limits
+        raised to match per side drawn, and the modes: `timm_st.method.backends`. Other keyword arguments go to
+        `torch.compile` for both.
         """
         check_compile_mode(backend, mode)
         cfg = self.config
@@ -344,13 +304,8 @@ class StimulativeTask(TrainingTask):
             state['subnet_sampler'] = self.sampler.state_dict()
         return state
 
-    def load_task_state(
-            self,
-            state: Optional[Dict[str, Any]],
-            strict: bool = True,
-            module: Optional[nn.Module] = None,
-            ema: bool = False,
-    ) -> None:
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
+                        ema: bool = False) -> None:
         if ema or self.sampler is None:
             return
         state = state or {}
