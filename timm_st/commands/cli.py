@@ -1,5 +1,6 @@
 """The `timm-st` command: `timm-st train ...` (`python -m timm_st train ...` under torchrun), `timm-st publish ...`,
 `timm-st analyze ...`; each command is a parser and a `main` over the run layer (`timm_st.runs`)."""
+import importlib
 import sys
 from typing import Optional, Sequence
 
@@ -29,17 +30,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ('-h', '--help'):
         print(_USAGE)
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == 'train':
-        from .train import main as train_main
-        return train_main(rest)
-    if command == 'publish':
-        from .publish import main as publish_main
-        return publish_main(rest)
-    if command == 'analyze':
-        from .analyze import main as analyze_main
-        return analyze_main(rest)
-    print(f'timm-st: unknown command {command!r}\n\n{_USAGE}', file=sys.stderr)
+    if argv[0] in ('train', 'publish', 'analyze'):  # imported when named: each command imports what it needs
+        return importlib.import_module(f'.{argv[0]}', __package__).main(argv[1:])
+    print(f'timm-st: unknown command {argv[0]!r}\n\n{_USAGE}', file=sys.stderr)
     return 2
 
 

@@ -1,17 +1,14 @@
-"""One training epoch of the runner: timm's step (task forward, loss scaling, gradient accumulation,
-clipping, EMA, per-update scheduling, recovery checkpoints), without host-device syncs.
+"""One training epoch of the runner: timm's step (task forward, loss scaling, gradient accumulation, clipping,
+EMA, per-update scheduling, recovery checkpoints), without host-device syncs.
 
-The host reads a tensor value only on log steps (every `log_interval` steps and the epoch's last), on
-recovery steps (a checkpoint copies the weights to the host anyway) and once at the end of the epoch:
-the sums of the epoch and the non-finite guard stay on the device in between, on every path (a
-progress bar on a terminal advances every step but updates its loss text only on log steps;
-gradient accumulation; DDP, where the guard's all-reduce runs on log steps only).
+The host reads a tensor value only on log steps (every `log_interval` steps and the epoch's last; under DDP the
+non-finite guard's all-reduce runs there too), on recovery steps and once at the end of the epoch; a progress bar
+on a terminal advances every step but updates its text only on log steps.
 
-The non-finite guard: a step whose full-network loss or sub-network loss (`task.subnet_loss`, when
-the task has one) is NaN/inf counts toward `max_nonfinite_steps` consecutive such steps, after which
-training stops. Under float16 AMP a non-finite sub-network loss makes the loss scaler skip the step
-(and halve its scale), which the main loss alone would never show. `train_subnet_loss` is the mean
-sub-network loss over the samples of the steps whose sub-network loss was finite.
+The non-finite guard: `max_nonfinite_steps` consecutive steps whose full-network or sub-network loss
+(`task.subnet_loss`, set during the backward) is NaN/inf stop training; under float16 AMP a non-finite
+sub-network loss makes the scaler skip the step, which the main loss alone would not show.
+`train_subnet_loss` is the mean sub-network loss over the samples of the steps where it was finite.
 """
 import logging
 import sys
@@ -21,10 +18,12 @@ from contextlib import nullcontext
 from typing import Dict, Optional
 
 import torch
+from tqdm import tqdm
 
 from timm import utils
 
 from .errors import TrainingStopped
+from .folder import checkpoint_text
 from .preemption import stop_for_signal
 from .resumption import gather_rows, save_position
 
@@ -41,11 +40,8 @@ class _Progress:
     """A tqdm bar on a terminal (primary rank), timm-style log lines otherwise; text only on log steps."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = None
         self.enabled, self.desc, self.total = enabled, desc, total
-        if enabled and _on_terminal():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False) if enabled and _on_terminal() else None
 
     def advance(self, index: int, text: Optional[str]) -> None:
         if self.bar is not None:
@@ -87,8 +83,7 @@ class EpochSums:
             self.stop_step = torch.where(hit, torch.full_like(self.stop_step, step), self.stop_step)
 
     def state(self) -> torch.Tensor:
-        """The sums as one float64 row (loss, samples, sub-network loss and samples, streak, stop step), for a
-        mid-epoch checkpoint (`load` restores them)."""
+        """One float64 row: loss, samples, sub-network loss and samples, streak, stop step (`load` restores it)."""
         return torch.stack([self.loss, torch.full_like(self.loss, self.samples), self.subnet_loss,
                             self.subnet_samples, self.streak.double(), self.stop_step.double()])
 
@@ -113,8 +108,7 @@ class EpochSums:
 
     def totals(self, distributed: bool):
         """(loss sum, samples, sub-network loss sum, its samples) over all ranks: the epoch's one host read."""
-        totals = torch.stack([self.loss, torch.full_like(self.loss, self.samples), self.subnet_loss,
-                              self.subnet_samples])
+        totals = self.state()[:4]
         if distributed:
             torch.distributed.all_reduce(totals)
         return totals.tolist()
@@ -147,7 +141,6 @@ def _step(runner, batch_idx: int, x: torch.Tensor, y: torch.Tensor, sums: EpochS
                 if args.clip_grad is not None:
                     utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
                 optimizer.step()
-    # the sub-network loss is set during the backward (the sub-network passes run inside it)
     sums.add(batch_idx, loss.detach() * steps_in_group, x.shape[0], getattr(task, 'subnet_loss', None))
     return need_update
 
@@ -171,19 +164,14 @@ def _after_update(runner, batch_idx: int, sums: EpochSums) -> None:
         raise stop_for_signal(runner, signum, st.epoch, batch_idx + 1, sums)
 
 
-def _mixup_off(runner) -> None:
-    args = runner.args
-    if args.mixup_off_epoch and runner.state.epoch >= args.mixup_off_epoch:
-        if args.prefetcher and getattr(runner.loader_train, 'mixup_enabled', False):
-            runner.loader_train.mixup_enabled = False
-        elif runner.mixup_fn is not None:
-            runner.mixup_fn.mixup_enabled = False
-
-
 def train_one_epoch(runner) -> Dict[str, float]:
     """Train `runner.state.epoch`: train_* metrics (loss, subnet_loss when the task has one, epoch time, images/s)."""
     args, st, loader = runner.args, runner.state, runner.loader_train
-    _mixup_off(runner)
+    if args.mixup_off_epoch and st.epoch >= args.mixup_off_epoch:
+        if args.prefetcher and getattr(loader, 'mixup_enabled', False):
+            loader.mixup_enabled = False
+        elif runner.mixup_fn is not None:
+            runner.mixup_fn.mixup_enabled = False
     runner.task.get_trainable_module().train()
     num_batches = len(loader)
     sums = EpochSums(runner.device, args.max_nonfinite_steps)
@@ -219,7 +207,6 @@ def train_one_epoch(runner) -> Dict[str, float]:
 
 
 def _nonfinite_stop(runner, step: int) -> TrainingStopped:
-    from .folder import checkpoint_text
     st, limit = runner.state, runner.args.max_nonfinite_steps
     return TrainingStopped(
         f'the training loss (of the full network or the sub-networks) was NaN or inf for {limit} consecutive steps '

@@ -1,18 +1,15 @@
 """Run folders: the format of what a training run leaves on disk, and the policy of using one.
 
-A run folder (OUTPUT/EXPERIMENT) holds
-  args.yaml            the run's resolved arguments (timm-st train's, or timm train.py's own)
-  summary.csv          one row per epoch, one header; validation columns empty on epochs without validation
-  last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar, milestone-N.pth.tar
-                       checkpoints as timm's CheckpointSaver writes them (with the task state)
-  results.json         final results (timm-st train only, written when the run finishes)
-`read_run` reads one written by `timm-st train` or by timm's train.py (what the latter lacks is reported
-as absent, not guessed); the writers are used by the runner.
+A run folder (OUTPUT/EXPERIMENT) holds args.yaml (the resolved arguments), summary.csv (one row per epoch, one
+header, validation cells empty on epochs without validation), the checkpoints of timm's CheckpointSaver (last,
+model_best, checkpoint-N, milestone-N, recovery-E-S .pth.tar, with the task state) and, for a finished run of
+timm-st train, results.json. `read_run` reads one written by `timm-st train` or by timm's train.py (what the
+latter lacks is reported as absent, not guessed); the writers are used by the runner.
 
-The policy, shared by the runner and the hook for timm's train.py: a folder holding a run is used only
-to continue it in place (a checkpoint inside it, `folder_mode`) or with an explicit overwrite; a run
-continued in place first rewinds what the epochs being redone wrote (`rewind`) and restores the
-checkpoint saver's history (`restore_saver`); `resume_command` is the command line that continues it.
+The policy, shared by the runner and the hook: a folder holding a run is used only to continue it in place (a
+checkpoint inside it, `folder_mode`) or with an explicit overwrite; a run continued in place first rewinds what the
+epochs being redone wrote (`rewind`) and restores the saver's history (`restore_saver`); `resume_command` is the
+command line that continues it.
 """
 import argparse
 import csv
@@ -22,7 +19,7 @@ import os
 import shlex
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
@@ -55,10 +52,8 @@ TRAIN_PY = 'train.py'
 def holds_run(path: PathLike) -> bool:
     """Whether `path` already holds (part of) a training run: any run file or checkpoint in it."""
     path = Path(path)
-    if not path.is_dir():
-        return False
-    return any((path / name).exists() for name in RUN_FILES) or any(
-        next(path.glob(pattern), None) is not None for pattern in RUN_PATTERNS)
+    return path.is_dir() and (any((path / name).exists() for name in RUN_FILES) or any(
+        next(path.glob(pattern), None) is not None for pattern in RUN_PATTERNS))
 
 
 def run_folder_path(output: Optional[str], experiment: Optional[str]) -> Optional[Path]:
@@ -82,23 +77,22 @@ def _number(value: Optional[str]) -> Union[float, str, None]:
         return value
 
 
-def _read_summary(path: Path) -> List[Dict[str, Optional[float]]]:
+def _summary_lines(path: Path) -> Tuple[List[str], List[List[str]]]:
+    """summary.csv's header and rows, without the repeated headers an older resume appended; empty when absent."""
     if not path.is_file():
-        return []
+        return [], []
     with open(path, newline='') as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return []
-    header = rows[0]
-    if 'epoch' not in header:
+        lines = list(csv.reader(f))
+    header = lines[0] if lines else []
+    return header, [line for line in lines[1:] if line != header]
+
+
+def _read_summary(path: Path) -> List[Dict[str, Optional[float]]]:
+    header, rows = _summary_lines(path)
+    if header and 'epoch' not in header:
         raise RunError(f'{str(path)!r} has no header line with an "epoch" column (written by an old timm-st '
-                             f'train that dropped it?); add the header line or remove the file')
-    out = []
-    for row in rows[1:]:
-        if row == header:  # a second header, appended by an older resume: skip it
-            continue
-        out.append({key: _number(row[i]) if i < len(row) else None for i, key in enumerate(header)})
-    return out
+                       f'train that dropped it?); add the header line or remove the file')
+    return [{key: _number(row[i]) if i < len(row) else None for i, key in enumerate(header)} for row in rows]
 
 
 class RunFolder:
@@ -225,8 +219,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_args(folder: PathLike, args: argparse.Namespace) -> None:
     """args.yaml: the resolved arguments, marked as written by timm-st train."""
-    values = dict(vars(args))
-    values[WRITTEN_BY_KEY] = TIMM_ST_TRAIN
+    values = {**vars(args), WRITTEN_BY_KEY: TIMM_ST_TRAIN}
     _atomic_write(Path(folder) / 'args.yaml', yaml.safe_dump(values, default_flow_style=False))
 
 
@@ -239,24 +232,18 @@ def _cell(value: Any) -> str:
 
 
 def _summary_before(path: Path, epoch: int):
-    """(header, rows) of summary.csv without the rows of `epoch` and later (and without repeated headers)."""
-    header: List[str] = []
-    rows: List[Dict[str, str]] = []
-    if path.is_file():
-        with open(path, newline='') as f:
-            lines = list(csv.reader(f))
-        if lines and 'epoch' in lines[0]:
-            header = list(lines[0])
-            for line in lines[1:]:
-                if line == header:
-                    continue
-                record = dict(zip(header, line))
-                try:
-                    if int(float(record.get('epoch', ''))) >= epoch:
-                        continue
-                except ValueError:
-                    continue
-                rows.append(record)
+    """(header, rows) of summary.csv without the rows of `epoch` and later (or of no epoch); none without a header."""
+    header, lines = _summary_lines(path)
+    if 'epoch' not in header:
+        return [], []
+    rows = []
+    for line in lines:
+        row = dict(zip(header, line))
+        try:
+            if int(float(row.get('epoch', ''))) < epoch:
+                rows.append(row)
+        except ValueError:  # a row without an epoch: dropped
+            pass
     return header, rows
 
 
@@ -296,10 +283,7 @@ def write_results(folder: PathLike, results: Mapping[str, Any]) -> None:
 
 
 def clear_run(folder: PathLike) -> List[str]:
-    """Remove a run's files (RUN_FILES and checkpoints) from `folder`, for an explicit overwrite; other files stay.
-
-    Returns the names removed.
-    """
+    """Remove a run's files (RUN_FILES and checkpoints) from `folder`, for an explicit overwrite; the names removed."""
     folder = Path(folder)
     names = [n for n in RUN_FILES if (folder / n).exists()]
     for pattern in RUN_PATTERNS:
@@ -409,16 +393,10 @@ def resume_command(folder: Path, argv: Sequence[str]) -> str:
     from .options import RUN_SCOPED, takes_value
     drop = {'--' + name.replace('_', '-'): name for name in RUN_SCOPED}
     kept, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in drop:
-            skip = takes_value(drop[a])
-            continue
-        if a.split('=')[0] in drop:
-            continue
-        kept.append(a)
+    for a in argv:  # skip: `a` is the value of a dropped option
+        if not skip and a.split('=')[0] not in drop:
+            kept.append(a)
+        skip = not skip and a in drop and takes_value(drop[a])
     if kept and kept[0] == 'train':
         kept = kept[1:]
     return shlex.join(['timm-st', 'train', *kept, '--output', str(folder.parent), '--experiment', folder.name,

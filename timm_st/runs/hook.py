@@ -4,35 +4,25 @@
     device_modules: [timm_st.commands.hook]
     stimulative: {num_subnets: 1, ...}
 
-timm's `train.py` imports the `device_modules` at the start of `main()`, right after parsing the
-recipe and the command line. Importing `timm_st.commands.hook` then calls `activate()`, which
+timm's `train.py` imports the `device_modules` at the start of `main()`, right after parsing the recipe (every
+key, `stimulative` included, lands on `args`) and the command line. The import calls `activate()`, which finds
+`main()`'s `args`, validates the whole run before any work (`validate_run`), and for a `stimulative:` section
+puts a factory of `StimulativeTask` in place of train.py's `ClassificationTask` and wraps `train_one_epoch`
+(`task.set_epoch`) and `validate` (`task.before_validate`, BatchNorm re-estimation on the training loader).
 
-* finds `main()`'s parsed `args` (timm's `_parse_args` passes every recipe key to
-  `parser.set_defaults`, so the unknown key `stimulative` lands on `args`; command-line overrides
-  are already applied);
-* validates the whole run before any work (`validate_run`): every recipe key against this train.py's
-  own argument parser (a key it would silently ignore is refused, e.g. `train_img_sizes` on v1.0.27
-  or a misspelled `weight_decy`), the values, then `validation.check_run` (ranges, device, data
-  splits, checkpoints, optimizer and scheduler names, option combinations) and the run-folder policy
-  (`--experiment` must not name a folder holding another run). `dataset: digits` (the demo) is
-  written as an image folder and `data_dir` pointed at it;
-* if `args.stimulative` is set: puts a factory building `StimulativeTask` in place of train.py's
-  global `ClassificationTask`, wraps `train_one_epoch` to call the task's `set_epoch`, and wraps
-  `validate` to call its `before_validate` (BatchNorm re-estimation on the training loader).
-
-Recipes without `stimulative:` run exactly as plain timm. Imported by anything that is not timm's
-`train.py`, the module does nothing. A `train.py` without the structure relied on (see `SUPPORTED`)
-stops the run with a message pointing to the patch in `patches/`, whose `--task` option uses
-`create_task` here as its factory: `--task timm_st.commands.hook:create_task`.
+Recipes without `stimulative:` run exactly as plain timm; imported by anything but timm's `train.py`, the module
+does nothing. A `train.py` without the structure relied on (`SUPPORTED`) stops with a message pointing to
+`patches/`, whose `--task` option takes `create_task` here: `--task timm_st.commands.hook:create_task`.
 """
 import argparse
 import functools
-import importlib
 import inspect
 import logging
 import os
+import pkgutil
 import sys
 import types
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
@@ -79,19 +69,19 @@ class UnsupportedTrainScript(RunError):
     """The running train.py lacks the structure the hook relies on."""
 
 
+def _unsupported(problem: str) -> UnsupportedTrainScript:
+    return UnsupportedTrainScript(f'timm_st.commands.hook: {problem}. The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+
+
+def _file(module: types.ModuleType) -> str:
+    return getattr(module, '__file__', '?')
+
+
 def _section(args: Any, task_kwargs: Optional[dict] = None) -> Optional[dict]:
     section = getattr(args, 'stimulative', None) if args is not None else None
     if task_kwargs:
         section = {**(section if isinstance(section, dict) else {}), **task_kwargs}
     return section
-
-
-def _config(section: dict, args: Any = None) -> StimulativeConfig:
-    """Validate a `stimulative:` section and its fit with the rest of the run's options."""
-    config = stimulative_config(section)
-    if args is not None:
-        check_combinations(args, config)
-    return config
 
 
 def create_task(
@@ -105,42 +95,30 @@ def create_task(
 ):
     """Task factory for timm's train.py with the `--task` option (patches/): `--task timm_st.commands.hook:create_task`.
 
-    As `timm-st train`: the stimulative task when the recipe has a `stimulative:` section
-    (`args.stimulative`) or `--task-kwargs` are given (stimulative keys, e.g. `num_subnets=2`,
-    overriding single keys of the section; the coefficient schedules use `args.epochs`), and
-    timm's `ClassificationTask` otherwise, so common-training recipes can name it too.
+    The stimulative task when the recipe has a `stimulative:` section or `--task-kwargs` are given (stimulative keys,
+    e.g. `num_subnets=2`, overriding single keys of the section), timm's `ClassificationTask` otherwise.
     """
     section = _section(args, task_kwargs)
-    config = _config(section, args) if section is not None else None
+    config = stimulative_config(section) if section is not None else None
+    if config is not None and args is not None:
+        check_combinations(args, config)
     return build_task(model, config, criterion, device, dtype, verbose, getattr(args, 'epochs', None))
 
 
 # --- recognising train.py and its structure -------------------------------------------------
 
-def _from_timm(value: Any) -> bool:
-    name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, '__module__', None)
-    return isinstance(name, str) and name.split('.')[0] == 'timm'
-
-
 def is_timm_train_script(module: Optional[types.ModuleType]) -> bool:
     """Whether `module` (normally `sys.modules['__main__']`) is a timm `train.py`: a script named
     train.py that uses timm (and is not one of timm-st's own modules)."""
-    if module is None:
-        return False
     path = getattr(module, '__file__', None)
-    if not isinstance(path, str) or os.path.basename(path) != 'train.py':
+    if module is None or not isinstance(path, str) or os.path.basename(path) != 'train.py':
         return False
     spec = getattr(module, '__spec__', None)
     if spec is not None and (spec.name or '').split('.')[0] == 'timm_st':
         return False
-    return any(_from_timm(v) for v in list(vars(module).values()))
-
-
-def _params(fn: Any) -> Optional[List[str]]:
-    try:
-        return list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return None
+    names = (v.__name__ if isinstance(v, types.ModuleType) else getattr(v, '__module__', None)
+             for v in list(vars(module).values()))
+    return any(isinstance(name, str) and name.split('.')[0] == 'timm' for name in names)
 
 
 def _structure_problems(module: types.ModuleType) -> List[str]:
@@ -150,35 +128,31 @@ def _structure_problems(module: types.ModuleType) -> List[str]:
         problems.append(f"no global ClassificationTask from timm.task (found {cls!r})")
     for name, leading, needed in (('train_one_epoch', _TRAIN_ONE_EPOCH_PARAMS, ()),
                                   ('validate', _VALIDATE_PARAMS, _VALIDATE_NEEDS)):
-        params = _params(getattr(module, name, None)) if callable(getattr(module, name, None)) else None
-        if params is None:
+        try:
+            params = list(inspect.signature(getattr(module, name)).parameters)
+        except (AttributeError, TypeError, ValueError):  # absent or not a function
             problems.append(f'no function {name}()')
-        elif tuple(params[:len(leading)]) != leading or any(p not in params for p in needed):
+            continue
+        if tuple(params[:len(leading)]) != leading or any(p not in params for p in needed):
             problems.append(f'{name}({", ".join(params)}) does not start with ({", ".join(leading)})'
                             + (f' or lacks {", ".join(needed)}' if needed else ''))
-    main = getattr(module, 'main', None)
-    code = getattr(main, '__code__', None)
+    code = getattr(getattr(module, 'main', None), '__code__', None)
+    missing = [n for n in _MAIN_GLOBALS if code is not None and n not in code.co_names]
     if code is None:
         problems.append('no function main()')
-    else:
-        missing = [n for n in _MAIN_GLOBALS if n not in code.co_names]
-        if missing:
-            problems.append(f'main() does not use the global(s) {missing}')
+    elif missing:
+        problems.append(f'main() does not use the global(s) {missing}')
     return problems
 
 
 def check_train_script(module: types.ModuleType, args: Any = None) -> None:
     """Raise UnsupportedTrainScript when `module` lacks what the hook relies on (or `args` lacks options it reads)."""
     problems = _structure_problems(module)
-    if args is not None:
-        missing = [n for n in _ARGS_NEEDED if not hasattr(args, n)]
-        if missing:
-            problems.append(f'its parsed args have no {missing}')
+    missing = [n for n in _ARGS_NEEDED if not hasattr(args, n)] if args is not None else []
+    if missing:
+        problems.append(f'its parsed args have no {missing}')
     if problems:
-        path = getattr(module, '__file__', '?')
-        raise UnsupportedTrainScript(
-            f'timm_st.commands.hook: {path} does not have the structure the hook relies on ({"; ".join(problems)}). '
-            f'The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+        raise _unsupported(f'{_file(module)} does not have the structure the hook relies on ({"; ".join(problems)})')
 
 
 def _task_action(module: types.ModuleType) -> Optional[argparse.Action]:
@@ -187,23 +161,18 @@ def _task_action(module: types.ModuleType) -> Optional[argparse.Action]:
 
 
 def _has_task_option(module: types.ModuleType) -> bool:
-    """Whether train.py's `--task` takes a `module:factory` (patches/train_task_option.patch): an option without a
-    fixed list of names. timm 1.0.31's own `--task {classification,multilabel}` takes its names only."""
+    """Whether train.py's `--task` takes a `module:factory` (patches/), i.e. has no fixed list of names as timm
+    1.0.31's own `--task {classification,multilabel}` has."""
     action = _task_action(module)
     return action is not None and action.choices is None
 
 
 def _resolve(path: str) -> Any:
-    module_name, sep, attr = path.partition(':')
-    if not sep:
-        return None
+    """The object a `module:attr` path names, None when there is none."""
     try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split('.'):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
+        return pkgutil.resolve_name(path) if ':' in path else None
+    except (ImportError, AttributeError, ValueError):
         return None
-    return obj
 
 
 def find_main_args(module: types.ModuleType) -> argparse.Namespace:
@@ -218,40 +187,19 @@ def find_main_args(module: types.ModuleType) -> argparse.Namespace:
             frame = frame.f_back
     finally:
         del frame
-    raise UnsupportedTrainScript(
-        f'timm_st.commands.hook: imported by {getattr(module, "__file__", "?")} but not from its main() with parsed `args` '
-        f'in scope (timm\'s train.py imports device_modules right after parsing them). The hook supports '
-        f'{SUPPORTED}. {_PATCH_HINT}.')
+    raise _unsupported(f'imported by {_file(module)} but not from its main() with parsed `args` in scope (timm\'s '
+                       f'train.py imports device_modules right after parsing them)')
 
 
 # --- installation ---------------------------------------------------------------------------
 
+@dataclass(eq=False)
 class HookState:
     """What `install` put in place: the config, the task once built, the training loader last seen."""
-
-    def __init__(self, args: argparse.Namespace, config: StimulativeConfig):
-        self.args = args
-        self.config = config
-        self.task: Optional[nn.Module] = None
-        self.train_loader: Optional[Iterable] = None
-
-
-def _runner(module: types.ModuleType) -> str:
-    return f"timm's train.py ({getattr(module, '__file__', 'train.py')})"
-
-
-def _selects_factory(module: types.ModuleType, args: Any) -> bool:
-    """Whether a train.py with the `--task` option (patches/) builds this module's task itself."""
-    task_path = getattr(args, 'task', None)
-    return bool(task_path) and _has_task_option(module) and _resolve(task_path) is create_task
-
-
-def _check_output_folder(args: Any, runner: str) -> None:
-    """train.py writes into OUTPUT/EXPERIMENT whatever is there: the folder policy of `timm-st train` without
-    --overwrite (a folder holding another run only when the command resumes from a checkpoint inside it)."""
-    folder = run_folder_path(getattr(args, 'output', ''), getattr(args, 'experiment', ''))
-    if folder is not None:
-        folder_mode(folder, getattr(args, 'resume', ''), runner=runner)
+    args: argparse.Namespace
+    config: StimulativeConfig
+    task: Optional[nn.Module] = None
+    train_loader: Optional[Iterable] = None
 
 
 def _recipe_path(main_module: types.ModuleType, args: Any) -> str:
@@ -260,9 +208,7 @@ def _recipe_path(main_module: types.ModuleType, args: Any) -> str:
         return args.config
     config_parser = getattr(main_module, 'config_parser', None)
     if not isinstance(config_parser, argparse.ArgumentParser):
-        raise UnsupportedTrainScript(
-            f'timm_st.commands.hook: {getattr(main_module, "__file__", "?")} has no global `config_parser` to find '
-            f'the recipe with. The hook supports {SUPPORTED}. {_PATCH_HINT}.')
+        raise _unsupported(f'{_file(main_module)} has no global `config_parser` to find the recipe with')
     return getattr(config_parser.parse_known_args()[0], 'config', '') or ''
 
 
@@ -294,16 +240,14 @@ def validate_run(main_module: types.ModuleType, args: argparse.Namespace
 
     Every recipe key (the file of `-c/--config`) must be an option of this train.py's own `parser`, or one of
     timm-st's keys the hook honours (`stimulative`; `task`/`task_kwargs` naming this module's factory;
-    `eval_subnets: 0`). Sets on `args`: recipe values converted as timm's newest config loader does
-    (numeric strings), and for `dataset: digits` the demo's image folder. Raises RunError.
+    `eval_subnets: 0`); then the values, `validation.check_run` and the run-folder policy (`folder_mode`, without
+    overwrite). Sets on `args`: recipe values converted as timm's newest config loader does (numeric strings), and
+    for `dataset: digits` the demo's image folder. Raises RunError.
     """
-    runner = _runner(main_module)
+    runner = f"timm's train.py ({getattr(main_module, '__file__', 'train.py')})"
     parser = getattr(main_module, 'parser', None)
     if not isinstance(parser, argparse.ArgumentParser):
-        raise UnsupportedTrainScript(
-            f'timm_st.commands.hook: {getattr(main_module, "__file__", "?")} has no global argument parser `parser` '
-            f'to check the recipe against. The hook supports {SUPPORTED}. {_PATCH_HINT}.')
-    known = {a.dest for a in parser._actions if a.dest != 'help'}
+        raise _unsupported(f'{_file(main_module)} has no global argument parser `parser` to check the recipe against')
     path = _recipe_path(main_module, args)
     recipe = load_recipe(path) if path else {}
     ours = {'stimulative', 'eval_subnets'}
@@ -314,17 +258,21 @@ def validate_run(main_module: types.ModuleType, args: argparse.Namespace
             f'recipe key eval_subnets: {recipe["eval_subnets"]!r} is the end-of-run sub-network evaluation of '
             f'timm-st train, which {runner} does not do; remove the key and evaluate the run folder afterwards '
             f'with `timm-st analyze OUTPUT/EXPERIMENT --data-dir ...`, or run the recipe with timm-st train')
+    known = {a.dest for a in parser._actions if a.dest != 'help'}
     check_keys([k for k in recipe if k not in ours], known, runner, timm_st_train_keys=option_names())
     for name, value in check_values(recipe, parser).items():
         if getattr(args, name, None) == recipe[name]:  # still the recipe's value (not overridden on the command line)
             setattr(args, name, value)
     if getattr(args, 'dataset', '') == 'digits':
         args.dataset, args.data_dir = dataset_location('digits', getattr(args, 'data_dir', None))
-    task_kwargs = getattr(args, 'task_kwargs', None) if _selects_factory(main_module, args) else None
-    section = _section(args, task_kwargs)
+    task_path = getattr(args, 'task', None)
+    selects_factory = bool(task_path) and _has_task_option(main_module) and _resolve(task_path) is create_task
+    section = _section(args, getattr(args, 'task_kwargs', None) if selects_factory else None)
     config = stimulative_config(section)
     check_run(args, config, runner)
-    _check_output_folder(args, runner)
+    folder = run_folder_path(getattr(args, 'output', ''), getattr(args, 'experiment', ''))
+    if folder is not None:  # train.py writes into a folder whatever is there
+        folder_mode(folder, getattr(args, 'resume', ''), runner=runner)
     return section, config
 
 
@@ -345,8 +293,6 @@ def _key_training_loader(ns: dict, args: argparse.Namespace) -> None:
 
     keyed_create_loader._timm_st_keyed = True
     ns['create_loader'] = keyed_create_loader
-
-
 def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional[HookState]:
     """Validate the run and put stimulative training in place in a timm train.py module namespace.
 

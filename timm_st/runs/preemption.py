@@ -1,12 +1,10 @@
 """Preemption: SIGTERM (what SLURM and cloud preemption send) and SIGUSR1 stop a run at the next step boundary
 with a recovery checkpoint, from which `--resume auto` continues exactly, and exit code 128 + the signal's number
-(143, 138): what a process ended by that signal reports, so schedulers and wrappers that requeue preempted jobs
-treat it as preempted, while the log says where the run was saved and how to continue it.
+(143, 138), as a process ended by that signal reports, so that wrappers requeue it as preempted.
 
-The handler only records the signal: no I/O and no device work happen in it. The training loop reads the record
-at each optimizer-update boundary (an attribute read, no host sync). Distributed ranks must stop at the same step:
-they agree by one all-reduce every `log_interval` updates (a signal delivered to any rank stops all of them) and
-at the end of each epoch.
+The handler only records the signal (no I/O, no device work); the training loop reads the record at each
+optimizer-update boundary. Distributed ranks stop at the same step: they agree by one all-reduce every
+`log_interval` updates (a signal to any rank stops all of them) and at the end of each epoch.
 """
 import signal
 import threading

@@ -1,23 +1,19 @@
 """Resumption: what a checkpoint records beyond timm's entries so that a run continues exactly, how it is written
 so that no kill can lose it, and which checkpoint `--resume auto` continues from.
 
-timm's CheckpointSaver writes the weights, the optimizer, the loss scaler, the EMA weights and the task state (the
-sub-network sampler). `RunSaver` adds one entry, RESUME_KEY:
+`RunSaver` (timm's CheckpointSaver) adds one entry, RESUME_KEY, to the weights, optimizer, loss scaler, EMA and
+task state timm writes:
 
   epoch, step      the position: the next batch to train (step 0: an epoch boundary)
   num_updates      optimizer updates so far (the per-update schedule and the EMA warmup continue from it)
-  seed, world_size what the keyed random draws depend on (see `seeding`)
+  seed, world_size what the keyed random draws depend on (`seeding`: no generator state is saved)
   eval_metrics     the last validation's metrics (results.json of a run killed in its final evaluation)
-  sums             mid-epoch only: every rank's partial sums of the epoch (loss, samples, sub-network loss and
-                   samples, non-finite streak), so that the epoch's summary row equals the uninterrupted run's
+  sums             mid-epoch only: every rank's partial sums of the epoch (`epoch.EpochSums`), so that the
+                   epoch's summary row equals the uninterrupted run's
 
-Every random draw of training is keyed by (seed, rank, epoch, step) (`seeding`), so no generator state is saved.
-
-Writes cannot be lost: timm replaces last.pth.tar by unlinking it and then renaming the new file into place (a
-kill in between leaves no last.pth.tar) and duplicates a checkpoint (checkpoint-N, model_best) by unlinking then
-linking; `RunSaver` does each in one atomic rename. Mid-epoch checkpoints are timm's recovery files
-(recovery-EPOCH-UPDATE.pth.tar: preemption, `recovery_interval`); `newest_checkpoint` picks, of last.pth.tar and
-the recovery files that record a position, the one furthest into training.
+timm replaces last.pth.tar and duplicates checkpoint-N/model_best by unlinking the target first (a kill in between
+leaves none); `RunSaver` does each in one atomic rename. Mid-epoch checkpoints are timm's recovery files
+(recovery-EPOCH-STEP.pth.tar); `newest_checkpoint` picks the one furthest into training.
 """
 import logging
 import os
@@ -82,11 +78,8 @@ def resume_entry(runner, epoch: int, step: int, sums: Optional[torch.Tensor] = N
     """The RESUME_KEY entry of a checkpoint continuing `runner`'s run at (epoch, step); `sums`: every rank's
     partial sums of that epoch (`gather_rows`), mid-epoch."""
     args, st = runner.args, runner.state
-    entry = dict(epoch=epoch, step=step, num_updates=st.num_updates, seed=args.seed, world_size=args.world_size,
-                 eval_metrics=st.eval_metrics)
-    if sums is not None:
-        entry['sums'] = sums
-    return entry
+    return dict(epoch=epoch, step=step, num_updates=st.num_updates, seed=args.seed, world_size=args.world_size,
+                eval_metrics=st.eval_metrics, **({} if sums is None else {'sums': sums}))
 
 
 def save_position(runner, epoch: int, step: int, sums: Optional[torch.Tensor] = None) -> None:
@@ -98,8 +91,8 @@ def save_position(runner, epoch: int, step: int, sums: Optional[torch.Tensor] = 
 
 
 def checkpoint_position(path) -> Optional[Tuple[int, int]]:
-    """(epoch, step) at which a checkpoint continues training; for a last.pth.tar without a recorded position the
-    epoch after its own (timm's rule), for other files without one None."""
+    """(epoch, step) at which a checkpoint continues training; without a recorded position the epoch after its own
+    for last.pth.tar (timm's rule), None for other files."""
     checkpoint = read_checkpoint(path)
     entry = checkpoint.get(RESUME_KEY)
     if isinstance(entry, dict):
@@ -122,9 +115,8 @@ def newest_checkpoint(folder: Path) -> str:
 
 
 def read_resume(path: str, seed: int, world_size: int, verbose: bool = True) -> Optional[Dict[str, Any]]:
-    """The resume entry of the checkpoint a run continues from; None (with one warning) when it has none. A
-    continuation with another seed or world size is warned about as not exact (its mid-epoch sums are dropped
-    when the world size differs)."""
+    """The resume entry of the checkpoint a run continues from; None (with one warning) when it has none. Another
+    seed or world size is warned about as not exact (and another world size drops the mid-epoch sums)."""
     entry = read_checkpoint(path).get(RESUME_KEY)
     if not isinstance(entry, dict):
         if verbose:

@@ -1,21 +1,12 @@
 """The training runner of `timm-st train`: a class with stages over timm's own components, and its state.
 
-`Runner(args, config, argv)` trains any timm `TrainingTask` (the stimulative task of a recipe with a
-`stimulative:` section, timm's `ClassificationTask` without) through the callbacks `patches/` defines
-for timm's train.py: `task.set_epoch(epoch)` before each epoch and `task.before_validate(loader_train,
-amp_autocast=...)` before each validation, when the task has them. Stages:
-
-* `check()`: the whole run validated exactly as a real run does (`validation.check_run`, the run-folder
-  policy, the datasets and their class count); nothing is built on a device and nothing is written;
-* `setup()`: distributed init, seeding, model, task, loaders, optimizer, precision, resume, EMA,
-  compile, DDP, scheduler, then the run folder (the first write);
-* `train_epoch()`: one epoch of steps (see `epoch.py`); `evaluate()`: the validation of an epoch,
-  its row, checkpoint and scheduler step; `finish()`: results.json, evaluated with the analysis code
-  (`timm-st analyze`'s sub-networks and calibration rule).
-
-Where the run stands lives in `RunState`, not in loose locals. Everything timm provides (loaders,
-augmentation, mixup, optimizer, scheduler, loss scaling, EMA, checkpoint saver, distributed init) is
-called, not rewritten.
+`Runner(args, config, argv).run()` trains any timm `TrainingTask` (the stimulative task of a recipe with a
+`stimulative:` section, timm's `ClassificationTask` without) through the callbacks `patches/` defines for timm's
+train.py, when the task has them: `task.set_epoch(epoch)` before each epoch and `task.before_validate(loader_train,
+amp_autocast=...)` before each validation. Stages: `check()` validates the run exactly as a real run does, building
+nothing on a device and writing nothing; `setup()` builds everything, then creates the run folder (the first
+write); `train_epoch()` (`epoch.py`), `evaluate()`; `finish()` writes results.json, evaluated with the code and
+rules of `timm-st analyze`. Where the run stands lives in `RunState`. What timm provides is called, not rewritten.
 """
 import logging
 import time
@@ -78,17 +69,8 @@ class RunOutcome:
 
 
 class Runner:
-    """`timm-st train` for one run: `run()` = check, setup, the epochs (train, evaluate), finish.
-
-    Args:
-        args: the run's arguments (`recipe.parse_args`: recipe + command line).
-        config: the validated stimulative config, None for common training.
-        argv: the command line, for the resume command of a stopped run.
-
-    Example:
-        args, config = parse_args(['-c', 'recipes/demo_digits.yaml', '--device', 'cpu'])
-        outcome = Runner(args, config, argv).run()
-    """
+    """One run of `timm-st train`: `args` from `recipe.parse_args`, `config` the validated stimulative config (None
+    for common training), `argv` the command line (for the resume command of a stopped run)."""
 
     def __init__(self, args, config: Optional[StimulativeConfig], argv: Sequence[str] = ()):
         self.args, self.config, self.argv = args, config, list(argv)
@@ -116,11 +98,6 @@ class Runner:
         if resume_auto:
             args.resume = 'auto'  # args.yaml records the command as given: re-running it is idempotent
         self.data_config = data_config(vars(args), meta_model)
-        self._datasets()
-        return self
-
-    def _datasets(self) -> None:
-        args = self.args
         name, root = dataset_location(args.dataset, args.data_dir)
         common = dict(img_mode=image_mode(args.input_img_mode, self.data_config), class_map=args.class_map,
                       download=args.dataset_download, batch_size=args.batch_size)
@@ -130,6 +107,7 @@ class Runner:
         classes = check_dataset_classes(args, self.dataset_train)
         if args.num_classes is None:
             args.num_classes = classes
+        return self
 
     # --- stage 1: setup ---------------------------------------------------------------------------
     def setup(self) -> bool:
@@ -192,17 +170,15 @@ class Runner:
             self.dataset_train, input_size=config['input_size'], batch_size=args.batch_size, is_training=True,
             num_aug_repeats=args.aug_repeats, worker_seeding=args.worker_seeding, collate_fn=collate_fn,
             **augmentation(vars(args), config), **sizes, **common)
+        self.eval_batch_size = args.validation_batch_size or args.batch_size
         self.loader_eval = create_loader(
-            self.dataset_eval, input_size=config['input_size'], batch_size=self._eval_batch_size(),
+            self.dataset_eval, input_size=config['input_size'], batch_size=self.eval_batch_size,
             is_training=False, interpolation=config['interpolation'], crop_pct=config['crop_pct'], **common)
         self.loader_train, self.loader_eval = guard_prefetcher(self.loader_train), guard_prefetcher(self.loader_eval)
         # every random draw of training keyed by (seed, rank, epoch, batch): exact continuations (seeding.py)
         self.loader_train = seeded_loader(self.loader_train, args.seed, args.rank, args.mixup_off_epoch, self.device)
         self.validate_kwargs = dict(autocast=None, channels_last=args.channels_last, distributed=args.distributed,
                                     max_samples=len(self.dataset_eval))
-
-    def _eval_batch_size(self) -> int:
-        return self.args.validation_batch_size or self.args.batch_size
 
     def _setup_optimizer(self) -> None:
         from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -310,14 +286,13 @@ class Runner:
         if hasattr(self.task, 'set_epoch'):
             self.task.set_epoch(epoch)
         metrics = train_one_epoch(self)
-        args = self.args
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            utils.distribute_bn(self.task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+        self._distribute_bn()
         return metrics
 
-    def _validates(self, done: int) -> bool:
-        return (done % self.args.val_interval == 0 or done == self.state.end_epoch
-                or done in set(self.args.save_epochs or ()))
+    def _distribute_bn(self, ema: bool = False) -> None:
+        args = self.args
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            utils.distribute_bn(self.task.get_trainable_module(ema=ema), args.world_size, args.dist_bn == 'reduce')
 
     def evaluate(self) -> Dict[str, float]:
         """Validate the full network (and its EMA), after the task's `before_validate` (BatchNorm re-estimation)."""
@@ -326,8 +301,7 @@ class Runner:
             self.task.before_validate(self.loader_train, amp_autocast=self.amp_autocast)
         metrics = validate(self.eval_model, self.loader_eval, self.device, **self.validate_kwargs)
         if self.ema_validated:
-            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                utils.distribute_bn(self.task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
+            self._distribute_bn(ema=True)
             ema = validate(self.task.get_eval_model(ema=True), self.loader_eval, self.device, **self.validate_kwargs)
             metrics.update({f'ema_{k}': v for k, v in ema.items()})
         if self.primary:
@@ -356,13 +330,14 @@ class Runner:
             self.lr_scheduler.step(done, metrics[self.metric_key] if metrics is not None else None)
 
     def _epochs(self) -> None:
-        st = self.state
+        st, save_epochs = self.state, set(self.args.save_epochs or ())
         for epoch in range(st.start_epoch, st.end_epoch):
             st.epoch, st.step = epoch, st.start_step if epoch == st.start_epoch else 0
             row = OrderedDict((f'train_{k}', v) for k, v in self.train_epoch().items())
             lrs = [g['lr'] for g in self.optimizer.param_groups]
             row['lr'] = sum(lrs) / len(lrs)
-            metrics = self.evaluate() if self._validates(epoch + 1) else None
+            validates = (epoch + 1) % self.args.val_interval == 0 or epoch + 1 in (st.end_epoch, *save_epochs)
+            metrics = self.evaluate() if validates else None
             if metrics is not None:
                 st.eval_metrics = metrics
             self._end_epoch(row, metrics)
@@ -430,18 +405,16 @@ class Runner:
         return results
 
     def _evaluate_subnets(self, model, stages) -> Dict[str, Any]:
-        """The final weights' sub-networks, as `timm-st analyze` evaluates them (the same code and rules): the
-        recipe's space (a CT recipe names its ST twin's), `eval_subnets` members drawn with seed 0 (the same for both
-        twins), with the full network's running BatchNorm statistics and with each sub-network's own statistics
-        re-estimated on CALIB_IMAGES training images (`data.calibration_loader`: the training augmentation without
-        mixup, a fixed subset drawn with seed 0, the random state seeded with 0)."""
+        """The final weights' sub-networks, as `timm-st analyze --seed 0` evaluates them (the same code and rules):
+        the recipe's space (a CT recipe names its ST twin's), `eval_subnets` members, with the full network's running
+        BatchNorm statistics and with each sub-network's own re-estimated on CALIB_IMAGES training images."""
         args, config = self.args, self.config
         space = config.sample_space if config is not None and config.sampler == 'ordered' else 'default'
         plans = subnet_plans(stages, space, args.eval_subnets)
         summary = {'space': space, 'count': len(plans) - 1}
         per_plan = [{'depths': list(p.depths)} for p in plans[1:]]
         calib = calibration_loader(self.dataset_train, vars(args), self.data_config, CALIB_IMAGES, 0,
-                                   self._eval_batch_size(), args.workers, self.device)
+                                   self.eval_batch_size, args.workers, self.device)
         for bn in ('running', 'recalibrate'):
             if bn == 'recalibrate':
                 utils.random_seed(0)  # torch, numpy, random: the calibration batches of `timm-st analyze --seed 0`

@@ -2,40 +2,34 @@
 the history of a process, so a run continued from a checkpoint draws exactly what the uninterrupted run drew.
 
 timm's training loader draws from process-global generators: the shuffle order from torch's default generator
-at each `iter()`; the augmentations and `FastCollateMixup` from the generators of the loader's worker processes,
-seeded once when the persistent workers start, so their streams run on across epochs; the prefetcher's random
-erasing on the device, one batch ahead of the step. The model (dropout, stochastic depth) and `Mixup` draw
-from the main process's generators. None of this can be restored at a step boundary from the main process.
-Here every draw is keyed instead:
+at each `iter()`; the augmentations and `FastCollateMixup` in the loader's worker processes, seeded once when
+persistent workers start; the prefetcher's random erasing on the device, one batch ahead of the step. The model
+(dropout, stochastic depth) and `Mixup` draw in the main process. None of this can be restored at a step
+boundary, so here every draw is keyed instead:
 
-* `EpochBatches`, the loader's batch sampler: a non-distributed epoch order is drawn from a generator seeded
-  with (seed, epoch) (distributed samplers are a function of their epoch already); each batch carries its key;
-  a pass can start at a batch position (a run continued mid-epoch skips the index lists of the batches done,
-  not their data);
-* `SeededBatches`, the loader's dataset: loads and collates a batch (transforms, mixup, random erasing without
-  the prefetcher) after seeding torch's CPU generator, NumPy's and Python's from the batch's key, in whichever
-  process loads it, so loader workers (persistent ones included) and `workers=0` load identical batches;
+* `EpochBatches`, the batch sampler: the epoch order drawn from (seed, epoch) (distributed samplers are a
+  function of their epoch already); each batch carries its key; a pass can start at a batch position (a run
+  continued mid-epoch skips the index lists of the batches done, not their data);
+* `SeededBatches`, the dataset: loads and collates a batch (transforms, mixup, erasing without the prefetcher)
+  after seeding torch's CPU generator, NumPy's and Python's from the batch's key, in whichever process loads
+  it, so any number of workers (persistent ones included) loads identical batches;
 * `SeededErasing`: the prefetcher's random erasing, seeded from the key of the batch it erases;
-* `SeededLoader` (what `seeded_loader` returns): the main process's generators (torch on the CPU and the run's
-  device, NumPy, random) are seeded from (seed, rank, epoch, step) as each batch is handed to its step
-  (`seed_step`).
+* `SeededLoader` (`seeded_loader`): seeds the main process's generators (also the run's device) from (seed,
+  rank, epoch, step) as each batch is handed to its step.
 
-timm-st train and timm's train.py with the hook (`runs.hook`) use the same keyed loader, so both routes draw the
-same batches, augmentations and step draws for the same recipe.
-
-A checkpoint therefore needs no generator state, only its position (epoch, step), on every rank. The cost is
-one reseed of three generators per batch and per step (microseconds, against milliseconds to decode and
-augment a batch); persistent workers stay, and no process is respawned.
+timm-st train and timm's train.py with the hook use the same keyed loader, so both routes draw alike. A
+checkpoint needs no generator state, only its position; the cost is one reseed of three generators per batch
+and per step (microseconds, against milliseconds to load a batch), and no worker is respawned.
 """
 import random
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
 
-__all__ = ['key_seed', 'seed_step', 'EpochBatches', 'SeededBatches', 'SeededErasing', 'SeededLoader',
-           'seeded_loader', 'set_loader_epoch']
+__all__ = ['key_seed', 'EpochBatches', 'SeededBatches', 'SeededErasing', 'SeededLoader', 'seeded_loader',
+           'set_loader_epoch']
 
 _ORDER, _DATA, _ERASING, _STEP = range(4)  # what a key seeds: distinct streams for the same position
 
@@ -45,23 +39,27 @@ def key_seed(*key: int) -> int:
     return int(np.random.SeedSequence([k % 2 ** 64 for k in key]).generate_state(1, np.uint64)[0])
 
 
-def _seed_cpu(seed: int) -> None:
+def _seed(seed: int, device: Optional[torch.device] = None) -> None:
+    """Seed torch's CPU generator, NumPy's, Python's and, for an accelerator `device`, its current generator (the
+    run's; torch.manual_seed's loop over every device type costs ~100 us)."""
     torch.default_generator.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
     random.seed(seed)
+    if device is not None and device.type != 'cpu':
+        torch.get_device_module(device.type).manual_seed(seed)
 
 
-def _seed_device(seed: int, device: torch.device) -> None:
-    """Seed the CPU generators and, for an accelerator, the generator of `device` (torch.manual_seed's loop over
-    every device type costs ~100 us)."""
-    _seed_cpu(seed)
-    if device.type != 'cpu':
-        torch.get_device_module(device.type).manual_seed(seed)  # the current device: the run's (set at init)
+class _Wrapper:
+    """Length and other attributes (e.g. average_batch_size, filenames, mixup_enabled) of the object in `_wrapped`."""
+    _wrapped = ''
 
+    def __len__(self) -> int:
+        return len(getattr(self, self._wrapped))
 
-def seed_step(seed: int, rank: int, epoch: int, step: int, device: torch.device) -> None:
-    """Seed the main process's generators (torch on the CPU and on `device`, NumPy, random) for one step."""
-    _seed_device(key_seed(seed, rank, epoch, step, _STEP), device)
+    def __getattr__(self, name: str) -> Any:
+        if name == self._wrapped:  # not set yet (while unpickled in a loader worker)
+            raise AttributeError(name)
+        return getattr(getattr(self, self._wrapped), name)
 
 
 class KeyedBatch(list):
@@ -72,12 +70,13 @@ class KeyedBatch(list):
         self.key = key
 
 
-class EpochBatches(Sampler):
+class EpochBatches(_Wrapper, Sampler):
     """timm's batch sampler made a function of (seed, epoch), with keyed batches and a starting position.
 
     `set_epoch(epoch, start)`: the next pass yields the epoch's batches from position `start` on; later passes of
     the same epoch (BatchNorm re-estimation on the training loader) start at 0 again.
     """
+    _wrapped = 'batch_sampler'
 
     def __init__(self, batch_sampler, seed: int, rank: int):
         self.batch_sampler, self.seed, self.rank = batch_sampler, seed, rank
@@ -85,24 +84,12 @@ class EpochBatches(Sampler):
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
-        inner = self.batch_sampler
-        if hasattr(inner, 'set_epoch'):  # timm's ScheduledBatchSampler, which tells its sampler
-            inner.set_epoch(epoch)
-        elif hasattr(inner.sampler, 'set_epoch'):  # DistributedSampler, RepeatAugSampler
-            inner.sampler.set_epoch(epoch)
+        inner = self.batch_sampler  # timm's ScheduledBatchSampler tells its sampler; else DistributedSampler etc.
+        target = inner if hasattr(inner, 'set_epoch') else inner.sampler
+        if hasattr(target, 'set_epoch'):
+            target.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-    def __getattr__(self, name: str) -> Any:  # the wrapped sampler's own attributes (e.g. average_batch_size)
-        if name == 'batch_sampler':
-            raise AttributeError(name)
-        return getattr(self.batch_sampler, name)
-
-    def __iter__(self):
-        return self._batches()  # the body runs at the first batch: DataLoader may call iter() twice per pass
-
-    def _batches(self):
+    def __iter__(self):  # a generator: the body runs at the first batch (DataLoader may call iter() twice per pass)
         start, self.start = self.start, 0
         self.erased = start  # the prefetcher erases batches in order, from the first one yielded
         base = getattr(self.batch_sampler, 'sampler', None)
@@ -113,30 +100,23 @@ class EpochBatches(Sampler):
                 yield KeyedBatch(indices, (self.seed, self.rank, self.epoch, position))
 
 
-class SeededBatches(Dataset):
+class SeededBatches(_Wrapper, Dataset):
     """The training dataset loading whole batches: samples and collate (mixup) drawn from the batch's key.
 
     `mixup_off_epoch`: the collate's mixup is off from that epoch on, decided per batch from its epoch (a flag set
     in the main process would not reach persistent worker processes).
     """
+    _wrapped = 'dataset'
 
     def __init__(self, dataset: Dataset, collate_fn: Callable, mixup_off_epoch: int = 0):
         self.dataset, self.collate_fn, self.mixup_off_epoch = dataset, collate_fn, mixup_off_epoch
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, index):
         return self.dataset[index]
 
-    def __getattr__(self, name: str) -> Any:  # the dataset's own attributes (filenames, transform, ...)
-        if name == 'dataset':
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
     def __getitems__(self, batch: KeyedBatch):
         seed, rank, epoch, position = batch.key
-        _seed_cpu(key_seed(seed, rank, epoch, position, _DATA))
+        _seed(key_seed(seed, rank, epoch, position, _DATA))
         if self.mixup_off_epoch and hasattr(self.collate_fn, 'mixup_enabled'):
             self.collate_fn.mixup_enabled = epoch < self.mixup_off_epoch
         return self.collate_fn([self.dataset[i] for i in batch])
@@ -155,17 +135,16 @@ class SeededErasing:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = self.batches
-        value = key_seed(b.seed, b.rank, b.epoch, b.erased, _ERASING)
+        _seed(key_seed(b.seed, b.rank, b.epoch, b.erased, _ERASING), x.device)
         b.erased += 1
-        _seed_device(value, x.device)
         return self.erasing(x)
 
 
-class SeededLoader:
-    """The training loader with keyed draws (`seeded_loader`); iterating it seeds the main process's generators
-    from each batch's key just before yielding it (`seed_step`), so the step that consumes the batch (mixup
-    without the prefetcher, dropout, stochastic depth) draws from that state. Other attributes are the wrapped
-    loader's (len, sampler, batch_sampler, dataset, mixup_enabled)."""
+class SeededLoader(_Wrapper):
+    """The training loader with keyed draws: iterating it seeds the main process's generators from each batch's key
+    just before yielding it, so the step that consumes the batch (mixup without the prefetcher, dropout,
+    stochastic depth) draws from that state. Other attributes are the wrapped loader's."""
+    _wrapped = 'loader'
 
     def __init__(self, loader, batches: EpochBatches, device: torch.device):
         self.loader, self.batches, self.device = loader, batches, device
@@ -173,18 +152,10 @@ class SeededLoader:
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.batches.set_epoch(epoch, start)
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == 'loader':
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
     def __iter__(self):
         b = self.batches
         for position, batch in enumerate(self.loader, start=b.start):  # b.start: read before the pass begins
-            seed_step(b.seed, b.rank, b.epoch, position, self.device)
+            _seed(key_seed(b.seed, b.rank, b.epoch, position, _STEP), self.device)
             yield batch
 
 
