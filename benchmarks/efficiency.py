@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO, DEMO_CT, DEMO_BN_UPDATE = 'recipes/demo_digits.yaml', 'recipes/demo_digits_ct.yaml', 'recipes/demo_digits_bn_update.yaml'
+DEMO_LITE = 'recipes/demo_digits_lite.yaml'  # the recommended low-cost recipe: demo_digits.yaml with subnet_interval: 4
 # ST++ in the demo's (default) space: KL-, 6 sub-networks on inputs of 43-100% of the side; coef 1/6 averages the six
 # losses (the same total weight as ST's one): their sum (coef 1, `stpp_sum`) underfits at the demo's learning rate
 STPP = ['num_subnets=6', 'loss=kl_direction', 'input_scale=[0.43,1.0]']
@@ -50,6 +51,7 @@ VARIANTS = {
     'every2': (DEMO, ['subnet_interval=2']),
     'every3': (DEMO, ['subnet_interval=3']),
     'every4': (DEMO, ['subnet_interval=4']),
+    'lite': (DEMO_LITE, []),
     'every4_bn_update': (DEMO_BN_UPDATE, ['subnet_interval=4']),
     'every3_coef3': (DEMO, ['subnet_interval=3', 'coef=3.0']),
     'every4_coef4': (DEMO, ['subnet_interval=4', 'coef=4.0']),
@@ -62,7 +64,7 @@ VARIANTS = {
     'every2_half': (DEMO, ['subnet_interval=2', 'subnet_batch_fraction=0.5']),
 }
 # the four cheap variants spend the same extra compute (sub-networks on a quarter of the steps' images)
-DEFAULT_VARIANTS = ['ct', 'st', 'st_bn_update', 'stpp', 'every4', 'every4_bn_update', 'quarter', 'every2_half',
+DEFAULT_VARIANTS = ['ct', 'st', 'st_bn_update', 'stpp', 'lite', 'every4_bn_update', 'quarter', 'every2_half',
                     'from_epoch11']
 SMOKE_VARIANTS = ['ct', 'every4']
 STATISTICS = ('full_top1', 'subnet_mean', 'subnet_std', 'subnet_min', 'loafing_gap')

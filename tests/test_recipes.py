@@ -23,6 +23,7 @@ PAIRS = [
     ('st_resnet110_cifar100', 'ct_resnet110_cifar100', {'stimulative'}),
     ('demo_digits', 'demo_digits_ct', {'stimulative'}),
     ('demo_digits_bn_update', 'demo_digits', {'stimulative'}),
+    ('demo_digits_lite', 'demo_digits', {'stimulative'}),
 ]
 
 
