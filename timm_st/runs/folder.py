@@ -367,15 +367,12 @@ def rewind(folder: Path, start_epoch: int, best_epoch: Optional[int], resume_pat
     finished) and the recovery checkpoints other than `resume_path` (superseded, or of epochs being redone), so
     that an interrupted continuation leaves a consistent folder."""
     truncate_summary(folder, start_epoch)
-    for epoch, path in _numbered(folder, 'checkpoint'):
-        if epoch >= start_epoch:
-            path.unlink()
-    for path in folder.glob('recovery-*.pth.tar'):
-        if not resume_path or path.resolve() != Path(resume_path).resolve():
-            path.unlink()
-    for done, path in _numbered(folder, 'milestone'):
-        if done > start_epoch:
-            path.unlink()
+    stale = [path for epoch, path in _numbered(folder, 'checkpoint') if epoch >= start_epoch]
+    stale += [path for done, path in _numbered(folder, 'milestone') if done > start_epoch]
+    stale += [path for path in folder.glob('recovery-*.pth.tar')
+              if not resume_path or path.resolve() != Path(resume_path).resolve()]
+    for path in stale:
+        path.unlink()
     best = folder / 'model_best.pth.tar'
     if best.is_file() and read_checkpoint(best).get('epoch', -1) >= start_epoch:
         kept = folder / f'checkpoint-{best_epoch}.pth.tar' if best_epoch is not None else None
@@ -383,8 +380,7 @@ def rewind(folder: Path, start_epoch: int, best_epoch: Optional[int], resume_pat
             link_replace(kept, best)
         else:
             best.unlink()
-    if (folder / 'results.json').exists():
-        (folder / 'results.json').unlink()
+    (folder / 'results.json').unlink(missing_ok=True)
 
 
 def resume_command(folder: Path, argv: Sequence[str]) -> str:

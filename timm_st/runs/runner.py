@@ -295,7 +295,7 @@ class Runner:
             utils.distribute_bn(self.task.get_trainable_module(ema=ema), args.world_size, args.dist_bn == 'reduce')
 
     def evaluate(self) -> Dict[str, float]:
-        """Validate the full network (and its EMA), after the task's `before_validate` (BatchNorm re-estimation)."""
+        """Validate the full network (and its EMA) after the task's `before_validate`: the run's latest metrics."""
         args = self.args
         if hasattr(self.task, 'before_validate'):
             self.task.before_validate(self.loader_train, amp_autocast=self.amp_autocast)
@@ -308,6 +308,7 @@ class Runner:
             on = ' (on TRAINING data: eval_on_train)' if args.eval_on_train else ''
             _logger.info(f'Eval epoch {self.state.epoch}{on}: loss {metrics["loss"]:.4f}  top1 {metrics["top1"]:.3f}'
                          f'  top5 {metrics["top5"]:.3f}')
+        self.state.eval_metrics = metrics
         return metrics
 
     def _end_epoch(self, row: Dict[str, Any], metrics: Optional[Dict[str, float]]) -> None:
@@ -324,7 +325,7 @@ class Runner:
                 self.saver.entry = resume_entry(self, st.epoch + 1, 0)
                 st.best_metric, st.best_epoch = self.saver.save_checkpoint(st.epoch, metric=metrics[self.metric_key])
                 st.saved_epoch = st.epoch
-                if done in set(args.save_epochs or ()):
+                if done in (args.save_epochs or ()):
                     self.saver.save_milestone(done)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step(done, metrics[self.metric_key] if metrics is not None else None)
@@ -338,8 +339,6 @@ class Runner:
             row['lr'] = sum(lrs) / len(lrs)
             validates = (epoch + 1) % self.args.val_interval == 0 or epoch + 1 in (st.end_epoch, *save_epochs)
             metrics = self.evaluate() if validates else None
-            if metrics is not None:
-                st.eval_metrics = metrics
             self._end_epoch(row, metrics)
             signum = self.signals.agreed(self.args.distributed, self.device)  # one all-reduce an epoch
             if signum:  # SIGTERM/SIGUSR1 during validation: last.pth.tar is the position unless not validated
