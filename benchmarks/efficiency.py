@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO, DEMO_CT, DEMO_BN_UPDATE = 'recipes/demo_digits.yaml', 'recipes/demo_digits_ct.yaml', 'recipes/demo_digits_bn_update.yaml'
 DEMO_LITE = 'recipes/demo_digits_lite.yaml'  # the recommended low-cost recipe: demo_digits.yaml with subnet_interval: 4
 # ST++ in the demo's (default) space: KL-, 6 sub-networks on inputs of 43-100% of the side; coef 1/6 averages the six
-# losses (the same total weight as ST's one): their sum (coef 1, `stpp_sum`) underfits at the demo's learning rate
+# losses (the same total weight as ST's one sub-network); the authors' step sums them (coef 1: `stpp_sum`, not a default)
 STPP = ['num_subnets=6', 'loss=kl_direction', 'input_scale=[0.43,1.0]']
 # name -> (recipe, --stimulative overrides)
 VARIANTS = {
