@@ -1,24 +1,17 @@
 """Publishing a run: one checkpoint of a run folder as an ordinary timm model, in a folder or on the hub.
 
-Stimulative training adds no parameters, so the published weights are the plain timm state dict of
-the architecture (built by `build.build_model` from the run's arguments). timm's own `save_for_hf`
-writes `model.safetensors` and `config.json`: the architecture, the class names and the run's
-evaluation preprocessing (`data.data_config`, as results.json records it), with nothing left of the
-architecture's default pretrained config that describes someone else's weights (its tag, paper,
-license, or its test-time size, which timm's validate.py would otherwise evaluate at). The model then
-loads with `timm.create_model('hf-hub:org/name', pretrained=True)` without timm-st (models registered
-by timm-st, `*_cifar`, need `import timm_st` first). Next to them go the model card (`card.model_card`)
-and `recipe.yaml`: the run's arguments without the machine-local keys of the option table
-(`options.LOCAL_KEYS`), runnable with `timm-st train -c recipe.yaml`.
-
-`export_checkpoint` writes into a temporary folder next to the destination and renames it into place:
-the export appears complete or not at all. `publish` pushes the same files with `huggingface_hub`.
-Bad input is a `RunError` with exit code 2; a failure of the hub one with exit code 1.
+Stimulative training adds no parameters: the published weights are the plain timm state dict of the
+architecture. timm's `save_for_hf` writes `model.safetensors` and `config.json` (architecture, class names,
+the run's evaluation preprocessing, nothing of the default pretrained config that describes someone
+else's weights), so `timm.create_model('hf-hub:org/name', pretrained=True)` loads it without timm-st
+(`*_cifar` models need `import timm_st`). Next to them go the model card (`card.model_card`) and
+`recipe.yaml` (the run's arguments without `options.LOCAL_KEYS`, runnable with `timm-st train -c`).
+`export_checkpoint` renames a finished temporary folder into place (complete or not at all); `publish`
+pushes the same files with `huggingface_hub`. Bad input is a `RunError` (exit 2), a hub failure exit 1.
 """
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any, Dict, Optional, Union
@@ -75,6 +68,10 @@ class PublishedRun:
         return section if isinstance(section, dict) else None
 
     @property
+    def world_size(self) -> int:
+        return self.results.get('world_size') or self.args.get('world_size') or 1
+
+    @property
     def is_last(self) -> bool:
         """Whether the checkpoint is of the run's last epoch."""
         epochs = self.folder.column('epoch')
@@ -121,8 +118,7 @@ def published_recipe(run_args: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _recipe_yaml(run: PublishedRun) -> str:
-    a = run.args
-    world = run.results.get('world_size') or a.get('world_size') or 1
+    a, world = run.args, run.world_size
     header = ('# timm-st recipe of the run that produced these weights: its resolved arguments (args.yaml) without\n'
               '# machine-local keys (data_dir, output, experiment, device, resume, logging).\n'
               '# Run: timm-st train -c recipe.yaml --data-dir /path/to/data\n')
@@ -156,29 +152,6 @@ def _write_export(run: PublishedRun, folder: Path, repo_id: Optional[str], model
         os.chmod(path, 0o666 & ~mask)
 
 
-@contextmanager
-def _staging(parent: Path, name: str):
-    """A fresh folder next to the destination (same file system, so it can be renamed into place)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f'.{name}.tmp-{uuid.uuid4().hex[:8]}'
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_local_dir(local_dir: Path, output_dir: Path, overwrite: bool) -> None:
-    check_output_folder(str(local_dir), '--local-dir')
-    out = output_dir.resolve()
-    if local_dir.resolve() == out or local_dir.resolve() in out.parents:
-        raise RunError(f'--local-dir {str(local_dir)!r} would replace the training output folder; choose another '
-                       f'folder')
-    if local_dir.is_dir() and any(local_dir.iterdir()) and not overwrite:
-        raise RunError(f'--local-dir {str(local_dir)!r} exists and is not empty; pass --overwrite to replace it, or '
-                       f'choose another folder')
-
-
 def _replace(tmp: Path, local_dir: Path) -> None:
     """Rename the finished `tmp` into `local_dir`; an existing folder is swapped out, and back on failure."""
     if not local_dir.exists():
@@ -207,10 +180,21 @@ def export_checkpoint(output_dir: PathLike, local_dir: PathLike, ema: bool = Fal
         _check_repo_id(repo_id)
     local_dir = Path(local_dir).absolute()
     run = PublishedRun(output_dir, checkpoint=checkpoint, ema=ema)
-    _check_local_dir(local_dir, run.folder.path, overwrite)
-    with _staging(local_dir.parent, local_dir.name) as tmp:
+    check_output_folder(str(local_dir), '--local-dir')
+    if local_dir.resolve() in (run.folder.path.resolve(), *run.folder.path.resolve().parents):
+        raise RunError(f'--local-dir {str(local_dir)!r} would replace the training output folder; choose another '
+                       f'folder')
+    if local_dir.is_dir() and any(local_dir.iterdir()) and not overwrite:
+        raise RunError(f'--local-dir {str(local_dir)!r} exists and is not empty; pass --overwrite to replace it, or '
+                       f'choose another folder')
+    local_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local_dir.parent / f'.{local_dir.name}.tmp-{uuid.uuid4().hex[:8]}'  # same file system: renamed into place
+    tmp.mkdir()
+    try:
         _write_export(run, tmp, repo_id, model_name, license, dataset_id)
         _replace(tmp, local_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return local_dir
 
 
@@ -226,29 +210,11 @@ def _check_repo_id(repo_id: str) -> None:
 
 def _hub_error(action: str, e: Exception) -> RunError:
     first = (str(e).strip().splitlines() or [''])[0][:300]
-    hint = ''
     status = getattr(getattr(e, 'response', None), 'status_code', None)
-    if status in (401, 403):
-        hint = '; check that your token is valid and has write access to that namespace'
-    elif status is None:
-        hint = '; check your network connection (nothing was published)'
+    hint = ('; check that your token is valid and has write access to that namespace' if status in (401, 403) else
+            '; check your network connection (nothing was published)' if status is None else '')
     return RunError(f'could not {action} on the Hugging Face hub ({type(e).__name__}: {first}){hint}',
                     exit_code=1)  # the hub failed, not the input
-
-
-def _upload(api, run: PublishedRun, folder: Path, repo_id: str, exists: bool, private: bool, overwrite: bool,
-            revision: Optional[str], commit_message: Optional[str]) -> Any:
-    """Create the repository (and branch) and upload `folder`; stale weights of an existing one are deleted."""
-    url = api.create_repo(repo_id, private=private, exist_ok=overwrite, repo_type='model')
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type='model')
-    weights = 'EMA' if run.ema else 'plain'
-    api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type='model', revision=revision,
-        commit_message=commit_message or f'Add {run.model_name} weights ({weights}, {run.checkpoint_name} checkpoint) '
-                                         f'from timm-st',
-        delete_patterns=['*.safetensors', '*.bin', '*.pth', '*.pt'] if exists else None)
-    return url
 
 
 def publish(output_dir: PathLike, repo_id: str, ema: bool = False, checkpoint: str = 'best',
@@ -275,10 +241,18 @@ def publish(output_dir: PathLike, repo_id: str, ema: bool = False, checkpoint: s
     if exists and not overwrite:
         raise RunError(f'repository {repo_id!r} already exists on the hub; pass --overwrite to upload into it (its '
                        f'weights are replaced, other files kept), or choose another --repo-id')
+    weights = 'EMA' if run.ema else 'plain'
+    commit_message = commit_message or (f'Add {run.model_name} weights ({weights}, {run.checkpoint_name} checkpoint) '
+                                        f'from timm-st')
     with TemporaryDirectory(prefix='timm-st-publish-') as tmp:
         _write_export(run, Path(tmp), repo_id, model_name, license, dataset_id)
-        try:
-            url = _upload(api, run, Path(tmp), repo_id, exists, private, overwrite, revision, commit_message)
+        try:  # stale weights of an existing repository are deleted
+            url = api.create_repo(repo_id, private=private, exist_ok=overwrite, repo_type='model')
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type='model')
+            api.upload_folder(repo_id=repo_id, folder_path=Path(tmp), repo_type='model', revision=revision,
+                              commit_message=commit_message,
+                              delete_patterns=['*.safetensors', '*.bin', '*.pth', '*.pt'] if exists else None)
         except Exception as e:
             raise _hub_error(f'upload to {repo_id!r}', e) from None
     return str(getattr(url, 'url', None) or f'https://huggingface.co/{repo_id}')
