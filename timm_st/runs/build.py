@@ -1,10 +1,9 @@
 """Building a run: the model, the task, the training criterion, the device and the precision.
 
-`build_model` is the one way a run's architecture is built, by `timm-st train` (with `pretrained` /
-`checkpoint_path` from its options), by the validation (on the meta device) and by everything that
-rebuilds a run's model (analyze, publish). `build_task` makes the stimulative task of a run with a
-`stimulative:` section and timm's `ClassificationTask` otherwise, for `timm-st train` and the
-`--task` factory of a patched train.py alike. The criterion follows timm's `train.py` rules.
+`build_model` is the one way a run's architecture is built: by `timm-st train`, by the validation (on
+the meta device) and by everything that rebuilds a run's model (analyze, publish). `build_task` makes
+the stimulative task of a run with a `stimulative:` section, timm's `ClassificationTask` otherwise, for
+`timm-st train` and a patched train.py's `--task` alike. The criterion follows timm's `train.py` rules.
 """
 import argparse
 import importlib
@@ -21,15 +20,6 @@ __all__ = ['build_model', 'build_task', 'mixup_active', 'train_criterion', 'defa
            'import_device_modules', 'precision']
 
 
-def _in_chans(args: Mapping[str, Any]) -> Optional[int]:
-    """As timm's train.py: --in-chans, else the channels of --input-size, else the model's default."""
-    if args.get('in_chans') is not None:
-        return args['in_chans']
-    if args.get('input_size'):
-        return args['input_size'][0]
-    return None
-
-
 def build_model(args: Union[Mapping[str, Any], argparse.Namespace], *, num_classes: Optional[int] = None,
                 pretrained: bool = False, state_dict: Optional[Mapping[str, torch.Tensor]] = None,
                 checkpoint_path: str = '') -> torch.nn.Module:
@@ -42,9 +32,11 @@ def build_model(args: Union[Mapping[str, Any], argparse.Namespace], *, num_class
         raise RunError(f'model {name!r} of this run is not a timm model in this environment (models of '
                        f'timm-st need `import timm_st`; others a newer timm)')
     num_classes = num_classes if num_classes is not None else a.get('num_classes')
+    # as timm's train.py: --in-chans, else the channels of --input-size, else the model's default
+    in_chans = a['in_chans'] if a.get('in_chans') is not None else (a['input_size'][0] if a.get('input_size') else None)
     try:
         model = timm.create_model(
-            name, pretrained=pretrained, in_chans=_in_chans(a), num_classes=num_classes,
+            name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes,
             drop_rate=a.get('drop') or 0.0, drop_path_rate=a.get('drop_path'), drop_block_rate=a.get('drop_block'),
             global_pool=a.get('gp'), bn_momentum=a.get('bn_momentum'), bn_eps=a.get('bn_eps'),
             checkpoint_path=checkpoint_path or None, **(a.get('model_kwargs') or {}))

@@ -1,11 +1,10 @@
 """Checkpoints: the one reader of checkpoint files, on timm's `load_state_dict`.
 
-`load_weights` returns the weights of a checkpoint as `timm.models.load_state_dict` reads them
-(safetensors or torch files, training checkpoints or bare state dicts, DDP/compile prefixes removed
-by `clean_state_dict`), with stricter refusals than timm's: the file is loaded `weights_only`,
-EMA weights asked for but absent are refused (timm falls back to the plain ones silently), and so are
-NaN/inf weights. `read_checkpoint` reads a training checkpoint's other entries (epoch, metric, args,
-task state), memory-mapped so that no weights are copied. Every refusal is a one-line `RunError`.
+`load_weights` returns a checkpoint's weights as `timm.models.load_state_dict` reads them (safetensors or
+torch files, training checkpoints or state dicts, DDP/compile prefixes removed), refusing more than timm:
+the file is loaded `weights_only`, absent EMA weights are refused (timm silently falls back to the plain
+ones), and so are NaN/inf weights. `read_checkpoint` reads a training checkpoint's other entries (epoch,
+metric, args, task state), memory-mapped. Every refusal is a one-line `RunError`.
 """
 import argparse
 import logging
@@ -22,8 +21,10 @@ PathLike = Union[str, Path]
 EMA_KEYS = ('state_dict_ema', 'model_ema')  # where timm's load_state_dict finds EMA weights
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [''])[0][:200]
+def _unreadable(path: PathLike, e: BaseException) -> RunError:
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    return RunError(f'checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {first}); it is corrupt or not a '
+                    f'PyTorch checkpoint')
 
 
 def read_checkpoint(path: PathLike) -> Dict[str, Any]:
@@ -37,8 +38,7 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
         except Exception as e:  # a truncated, foreign or garbage file
             error = e
     if checkpoint is None:
-        raise RunError(f'checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {_first_line(error)}); '
-                       f'it is corrupt or not a PyTorch checkpoint')
+        raise _unreadable(path, error)
     if not isinstance(checkpoint, dict):
         raise RunError(f'checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dictionary')
     return checkpoint
@@ -64,8 +64,7 @@ def load_weights(path: PathLike, ema: bool = False, checkpoint: Optional[Mapping
         with torch.serialization.safe_globals([argparse.Namespace]):
             weights = load_state_dict(path, use_ema=ema, weights_only=True)
     except Exception as e:
-        raise RunError(f'checkpoint {path!r} cannot be read ({type(e).__name__}: {_first_line(e)}); it is corrupt '
-                       f'or not a PyTorch checkpoint') from None
+        raise _unreadable(path, e) from None
     finally:
         timm_logger.setLevel(level)
     if not weights or not all(torch.is_tensor(v) for v in weights.values()):

@@ -1,12 +1,10 @@
 """Data: datasets and their class names, the data config, the image mode, and the loaders of a run.
 
-One place for what `timm-st train`, `timm-st analyze` and `timm-st publish` must agree on: the data
-config is resolved by `data_config` (timm's `resolve_data_config` on the run's arguments), the image
-mode follows timm's `train.py` (`image_mode`), `dataset: digits` is written once as an image folder
-(`dataset_location`), and every loader of training images draws its augmentation from the options
-table (`options.augmentation`). `calibration_loader` is the one calibration rule, used by
-`results.json` and by `timm-st analyze`: a fixed random subset of training images, seeded, under the
-run's training augmentation, without mixup or cutmix (batch-level mixing is no image distribution).
+What `timm-st train`, `analyze` and `publish` must agree on: the data config (`data_config`, timm's
+`resolve_data_config`), the image mode by timm train.py's rule (`image_mode`), `dataset: digits` as an
+image folder (`dataset_location`), training augmentation from the options table. `calibration_loader`
+is the one calibration rule (results.json, `timm-st analyze`): a fixed seeded subset of training images
+under the run's training augmentation, without mixup or cutmix (batch-level mixing is no distribution).
 """
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -20,8 +18,7 @@ from ..prefetch import guard_prefetcher
 __all__ = ['REMOTE_DATASETS', 'DIGITS', 'is_remote', 'dataset_location', 'data_config', 'image_mode', 'create_split',
            'class_names', 'FixedSubset', 'fixed_subset', 'eval_loader', 'calibration_loader']
 
-# timm dataset names read from elsewhere than an image folder on disk
-REMOTE_DATASETS = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
+REMOTE_DATASETS = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')  # timm datasets read from elsewhere than a folder
 DIGITS = 'digits'  # the embedded demo dataset (scikit-learn's digits as an image folder)
 
 

@@ -1,11 +1,9 @@
 """Logging: the console of a run, and the one interface every epoch's metrics go through.
 
-`setup_logging` configures the console once per process (timm's format; a library logger that has a
-handler of its own, such as huggingface_hub's, no longer also propagates to the root handler, so each
-of its warnings is printed once) and `quiet_checkpoint_saver` turns the list of kept checkpoints that
-timm's saver logs after every epoch into one line (the list at debug level). `MetricLoggers` writes
-each epoch's row to summary.csv and, when asked, to wandb (`log_wandb`) and TensorBoard
-(`log_tensorboard`, event files in the run folder).
+`setup_logging` configures the console once per process (timm's format; each warning of a library with
+a handler of its own, such as huggingface_hub, printed once); `quiet_checkpoint_saver` turns the kept
+checkpoints timm's saver lists after every epoch into one line (the list at debug level). `MetricLoggers`
+writes each epoch's row to summary.csv and, when asked, to wandb and TensorBoard (in the run folder).
 """
 import logging
 import numbers
@@ -42,7 +40,8 @@ class _OneLineCheckpoints(logging.Filter):
         if text.startswith('Current checkpoints'):
             entries = [line.strip() for line in text.splitlines()[1:] if line.strip()]
             _logger.debug('Kept checkpoints: %s', '; '.join(entries))
-            record.msg, record.args = f'Checkpoint saved ({len(entries)} kept; best: {entries[0] if entries else "-"})', ()
+            best = entries[0] if entries else '-'
+            record.msg, record.args = f'Checkpoint saved ({len(entries)} kept; best: {best})', ()
         return True
 
 
@@ -66,21 +65,19 @@ class MetricLoggers:
     """Where every epoch's metrics go (primary rank): summary.csv, and wandb / TensorBoard when asked."""
 
     def __init__(self, folder: Path, args: Any):
-        self.folder = folder
-        self.wandb = self._wandb(args) if args.log_wandb else None
-        self.tensorboard = None
+        self.folder, self.wandb, self.tensorboard = folder, None, None
+        if args.log_wandb:
+            try:
+                import wandb
+            except ImportError:
+                _logger.warning('log_wandb is set but wandb is not installed (pip install wandb); not logging to '
+                                'wandb.')
+            else:
+                wandb.init(project=args.wandb_project, name=folder.name, config=vars(args), tags=args.wandb_tags)
+                self.wandb = wandb
         if getattr(args, 'log_tensorboard', False):
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(log_dir=str(folder))
-
-    def _wandb(self, args: Any):
-        try:
-            import wandb
-        except ImportError:
-            _logger.warning('log_wandb is set but wandb is not installed (pip install wandb); not logging to wandb.')
-            return None
-        wandb.init(project=args.wandb_project, name=self.folder.name, config=vars(args), tags=args.wandb_tags)
-        return wandb
 
     def log_epoch(self, epoch: int, row: Mapping[str, Any]) -> None:
         write_summary_row(self.folder, epoch, row)

@@ -1,12 +1,10 @@
 """Options: the one table of `timm-st train`'s options, and everything derived from it.
 
-Every option is a timm `train.py` option (same name, meaning and default) or one of ours, and the
-table says, per option, how it parses (its argparse keywords), its valid range, its scope and, for
-training augmentation, the `timm.data.create_loader` argument it sets. From the table come the
-command-line parser (`build_parser`), the range checks of every route (`check_ranges`), the
-training-augmentation arguments of every training-image loader (`augmentation`), the keys a published
-recipe leaves out (`LOCAL_KEYS`: scopes 'machine' and 'run') and the command that resumes a
-run (`folder.resume_command`: without scope 'run', which names the run's own files).
+Every option is a timm `train.py` option (same name, meaning and default) or one of ours; the table
+says how it parses (argparse keywords), its valid range, its scope and, for training augmentation, the
+`timm.data.create_loader` argument it sets. From it come the parser (`build_parser`), the range checks
+of every route (`check_ranges`), every training loader's augmentation (`augmentation`), the keys a
+published recipe leaves out (`LOCAL_KEYS`) and the resume command (`folder.resume_command`, `RUN_SCOPED`).
 """
 import argparse
 import math
@@ -19,8 +17,12 @@ from .errors import RunError
 from .folder import TIMM_ST_TRAIN
 
 __all__ = ['Option', 'Range', 'OPTIONS', 'option_names', 'build_parser', 'check_ranges', 'augmentation',
-           'takes_value', 'LOCAL_KEYS', 'RUN_SCOPED', 'CALIB_IMAGES']
+           'takes_value', 'flag', 'LOCAL_KEYS', 'RUN_SCOPED', 'CALIB_IMAGES']
 
+
+def flag(name: str) -> str:
+    """The command-line flag of option `name`."""
+    return '--' + name.replace('_', '-')
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return '--' + self.name.replace('_', '-')
+        return flag(self.name)
 
 
 def _finite(v: Any) -> bool:
@@ -66,7 +68,6 @@ def _each(item: Range, allowed: str) -> Range:
 NONNEG, POSITIVE = _num('a finite number >= 0'), _num('a finite number > 0', low_open=True)
 FRACTION, PROBABILITY = _num('a number in [0, 1)', high=1.0, high_open=True), _num('a number in [0, 1]', high=1.0)
 INTS = _each(_int(1), 'a list of integers >= 1')
-_FLAG = dict(default=False, action='store_true')
 
 
 def _o(name: str, default: Any = None, valid: Optional[Range] = None, scope: str = 'recipe',
@@ -75,7 +76,7 @@ def _o(name: str, default: Any = None, valid: Optional[Range] = None, scope: str
 
 
 def _f(name: str, scope: str = 'recipe', loader: Optional[str] = None, **spec) -> Option:
-    return Option(name, dict(_FLAG, **spec), None, scope, loader)
+    return Option(name, dict(default=False, action='store_true', **spec), None, scope, loader)
 
 
 # in timm train.py's groups; defaults are timm's
@@ -225,7 +226,7 @@ def check_ranges(args: Any) -> None:
         if o.valid is None or value is None:
             continue
         try:
-            good = bool(o.valid.ok(value))
+            good = o.valid.ok(value)
         except (TypeError, ValueError):
             good = False
         if not good:

@@ -1,11 +1,10 @@
 """Recipes: a YAML file of timm `train.py` option names plus a `stimulative:` section, read and checked.
 
 `parse_args` turns a recipe and a command line into `timm-st train`'s arguments and the validated
-stimulative config; `check_keys` and `check_values` are shared with the hook for timm's train.py
-(checked there against that train.py's own parser): every key must be one the runner honours (a
-silently ignored key would make an unfair comparison), and each value must fit its option (type, list
-length, choices; numeric strings, which YAML 1.1 reads for `3e-4`, converted as the command line would).
-Every refusal is a one-line `RunError` naming the key and the fix.
+stimulative config; `check_keys` and `check_values` serve the hook too (against timm train.py's own
+parser): every key must be one the runner honours (an ignored key would make an unfair comparison), and
+each value must fit its option (type, list length, choices; numeric strings, which YAML 1.1 reads for
+`3e-4`, converted as the command line would). Every refusal is a one-line `RunError`.
 """
 import argparse
 import difflib
@@ -17,10 +16,10 @@ import yaml
 from ..method.config import StimulativeConfig
 from .errors import RunError
 from .folder import TIMM_ST_TRAIN
-from .options import build_parser, option_names
+from .options import build_parser, flag, option_names
 
-__all__ = ['TASK_FACTORY', 'TASK_FACTORIES', 'load_recipe', 'check_keys', 'check_values', 'check_task_keys', 'stimulative_config',
-           'parse_args']
+__all__ = ['TASK_FACTORY', 'TASK_FACTORIES', 'load_recipe', 'check_keys', 'check_values', 'check_task_keys',
+           'stimulative_config', 'parse_args']
 
 # the task factory a recipe names for timm's train.py with patches/ applied (timm-st train builds that task itself),
 # and the same factory under the hook module's earlier home, which recipes and run folders may still name
@@ -36,11 +35,11 @@ def _kwargs_pairs(option: str, values: Sequence[str]) -> Dict[str, Any]:
     for item in values:
         key, sep, value = item.partition('=')
         if not sep or not key:
-            raise RunError(f'--{option.replace("_", "-")}: expected key=value, got {item!r}')
+            raise RunError(f'{flag(option)}: expected key=value, got {item!r}')
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise RunError(f'--{option.replace("_", "-")}: value of {key!r} is not valid YAML: {value!r}') from None
+            raise RunError(f'{flag(option)}: value of {key!r} is not valid YAML: {value!r}') from None
     return out
 
 
@@ -73,7 +72,7 @@ def check_keys(keys: Collection[str], known: Collection[str], runner: str,
         close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
         if key in timm_st_train_keys:
             problems.append(f'{key!r} (an option of timm-st train that this runner lacks: upgrade timm\'s train.py '
-                            f'to a version that has --{key.replace("_", "-")}, run the recipe with timm-st train, '
+                            f'to a version that has {flag(key)}, run the recipe with timm-st train, '
                             f'or remove the key)')
         elif close:
             problems.append(f'{key!r} (did you mean {close[0]!r}?)')
@@ -85,22 +84,14 @@ def check_keys(keys: Collection[str], known: Collection[str], runner: str,
         f'e.g. weight_decay) or remove the key.')
 
 
-def _action_takes_mapping(action: argparse.Action) -> bool:
-    return action.dest in _MAPPING_KEYS or type(action).__name__ == 'ParseKwargs'
-
-
 def _convert(value: Any, to) -> Tuple[bool, Any]:
     """(ok, converted) for one element: numbers for numeric options (numeric strings converted), text for others."""
     if isinstance(value, bool):
         return False, value
-    if to is float:
-        if isinstance(value, (int, float)):
-            return True, value
-    elif to is int:
-        if isinstance(value, int):
-            return True, value
-    elif to is None or to is str:
+    if to in (None, str):
         return isinstance(value, str), value
+    if to in (int, float) and isinstance(value, int if to is int else (int, float)):
+        return True, value
     if isinstance(value, str):
         try:
             return True, to(value)
@@ -120,7 +111,7 @@ def _check_value(name: str, value: Any, action: argparse.Action) -> Any:
         if not isinstance(value, bool):
             raise RunError(f'recipe key {name!r}: expected true or false, got {value!r}')
         return value
-    if _action_takes_mapping(action):
+    if action.dest in _MAPPING_KEYS or type(action).__name__ == 'ParseKwargs':
         if not isinstance(value, dict):
             raise RunError(f'recipe key {name!r}: expected a mapping (e.g. {{key: value}}), got {value!r}')
         return value
@@ -195,8 +186,7 @@ def parse_args(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] = 
 
     `parser`: `options.build_parser()` (the default) or one a command extended with options of its own.
     """
-    argv = list(argv)
-    parser = parser or build_parser()
+    argv, parser = list(argv), parser or build_parser()
     pre, _ = _parse(parser.parse_known_args, argv)
     recipe = load_recipe(pre.config) if pre.config else {}
     check_task_keys(recipe)

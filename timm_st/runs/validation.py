@@ -1,11 +1,10 @@
 """The one validation of a run, for every route, before any work.
 
-`check_run` checks a whole run (recipe + command line) for `timm-st train` and for timm's own
-`train.py` through the hook: option ranges (the options table), device, data folder and splits, the
-model (built on the meta device), checkpoints, the stimulative task on that model, optimizer and
-scheduler names, option combinations, and what the installed timm supports. `check_dataset_classes`
-is the check that needs the dataset itself. Every refusal is a one-line `RunError` naming the key or
-path and the fix.
+`check_run` checks a whole run (recipe + command line) for `timm-st train` and for timm's `train.py`
+through the hook: option ranges, device, data folder and splits, the model (on the meta device),
+checkpoints, the stimulative task, optimizer and scheduler, option combinations, and what the installed
+timm supports; `check_dataset_classes` needs the dataset itself, and the checks of `timm-st analyze` are
+here too. Every refusal is a one-line `RunError` naming the key or path and the fix.
 """
 import difflib
 import inspect
@@ -22,20 +21,16 @@ from ..method.backends import check_compile_mode
 from ..method.config import StimulativeConfig
 from .build import build_model, build_task, mixup_active
 from .checkpoints import load_weights, read_checkpoint
-from .data import DIGITS, class_names, data_config, is_remote
+from .data import DIGITS, class_names, create_split, data_config, is_remote
 from .errors import RunError
 from .folder import TIMM_ST_TRAIN
-from .options import check_ranges
+from .options import check_ranges, flag
 
 __all__ = ['check_run', 'check_combinations', 'check_dataset_classes', 'check_output_folder']
 
 
 def _fail(message: str) -> None:
     raise RunError(message)
-
-
-def _flag(name: str) -> str:
-    return '--' + name.replace('_', '-')
 
 
 def _check_device(device: Any) -> None:
@@ -49,9 +44,7 @@ def _check_device(device: Any) -> None:
     if dev.type == 'cpu':
         return
     backend = getattr(torch, dev.type, None)
-    available = getattr(backend, 'is_available', None)
-    if dev.type == 'mps':
-        available = torch.backends.mps.is_available
+    available = torch.backends.mps.is_available if dev.type == 'mps' else getattr(backend, 'is_available', None)
     if available is None or not available():
         _fail(f'device {device!r}: no {dev.type} device is available on this machine; pass --device cpu '
               f'(or run where {dev.type} is available)')
@@ -72,17 +65,18 @@ def _split_folder(root: str, split: str) -> Optional[str]:
 def _has_image(folder: str) -> bool:
     from timm.data.readers.img_extensions import get_img_extensions
     extensions = get_img_extensions(as_set=True)
-    for _, _, files in os.walk(folder):
-        if any(os.path.splitext(f)[1].lower() in extensions for f in files):
-            return True
-    return False
+    return any(os.path.splitext(f)[1].lower() in extensions for _, _, files in os.walk(folder) for f in files)
+
+
+def _data_dir(args) -> Optional[str]:
+    return getattr(args, 'data_dir', None) or getattr(args, 'data', None)  # timm's train.py: positional `data`
 
 
 def _check_data(args, runner: str) -> None:
     dataset = getattr(args, 'dataset', '') or ''
     if dataset == DIGITS:
         return
-    data_dir = getattr(args, 'data_dir', None) or getattr(args, 'data', None)
+    data_dir = _data_dir(args)
     train_split, val_split = getattr(args, 'train_split', 'train'), getattr(args, 'val_split', 'validation')
     if not data_dir:
         _fail(f'no dataset given: pass --data-dir PATH (an image folder with {train_split}/ and {val_split}/ '
@@ -95,7 +89,6 @@ def _check_data(args, runner: str) -> None:
     if not os.path.isdir(data_dir):
         _fail(f'data directory {data_dir!r} does not exist; pass --data-dir with an image folder containing '
               f'{train_split}/ and {val_split}/')
-    eval_on_train = getattr(args, 'eval_on_train', False)
     on_purpose = ('pass --eval-on-train to evaluate on the training images on purpose (labelled so)'
                   if runner == TIMM_ST_TRAIN else 'timm-st train has --eval-on-train to evaluate on the training '
                                                   'images on purpose (labelled so)')
@@ -106,7 +99,7 @@ def _check_data(args, runner: str) -> None:
     if not _has_image(train_folder):
         _fail(f'cannot read dataset at {data_dir!r}: training split folder {train_folder!r} holds no images; put '
               f'<class>/<image> files there')
-    if eval_on_train:
+    if getattr(args, 'eval_on_train', False):
         return
     val_folder = _split_folder(data_dir, val_split)
     if val_folder is None:
@@ -123,14 +116,11 @@ def _check_data(args, runner: str) -> None:
 
 def _folder_classes(args) -> Optional[int]:
     """Classes of an image-folder dataset (its class subfolders), None when not an image folder."""
-    dataset = getattr(args, 'dataset', '') or ''
-    data_dir = getattr(args, 'data_dir', None) or getattr(args, 'data', None)
+    dataset, data_dir = getattr(args, 'dataset', '') or '', _data_dir(args)
     if is_remote(dataset) or dataset == DIGITS or not data_dir or not os.path.isdir(data_dir):
         return None
     folder = _split_folder(data_dir, getattr(args, 'train_split', 'train'))
-    if folder is None:
-        return None
-    return sum(1 for e in os.scandir(folder) if e.is_dir()) or None
+    return (sum(1 for e in os.scandir(folder) if e.is_dir()) or None) if folder else None
 
 
 def _run_model(args, runner: str):
@@ -163,10 +153,10 @@ def _check_checkpoints(args, model) -> None:
         if not path or (key == 'resume' and path == 'auto'):
             continue
         if os.path.isdir(path):
-            _fail(f'checkpoint {path!r} ({_flag(key)}) is a folder; pass a checkpoint file in it, e.g. '
+            _fail(f'checkpoint {path!r} ({flag(key)}) is a folder; pass a checkpoint file in it, e.g. '
                   f'{os.path.join(path, "last.pth.tar")}')
         if not os.path.isfile(path):
-            _fail(f'checkpoint {path!r} does not exist ({_flag(key)}); check the path (checkpoints are in the run\'s '
+            _fail(f'checkpoint {path!r} does not exist ({flag(key)}); check the path (checkpoints are in the run\'s '
                   f'output folder)')
         try:
             if key == 'resume' and not isinstance(read_checkpoint(path).get('state_dict'), dict):
@@ -174,20 +164,18 @@ def _check_checkpoints(args, model) -> None:
                                f'checkpoint of timm')
             got = {k: tuple(v.shape) for k, v in load_weights(path).items()}
         except RunError as e:
-            _fail(f'{_flag(key)}: {e}; use another checkpoint (e.g. last.pth.tar of a run of this recipe)')
+            _fail(f'{flag(key)}: {e}; use another checkpoint (e.g. last.pth.tar of a run of this recipe)')
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(got))
-        unexpected = sorted(set(got) - set(expected))
+        keys = {'missing': sorted(set(expected) - set(got)), 'unexpected': sorted(set(got) - set(expected))}
         shapes = [f'{k} is {list(got[k])} there, {list(expected[k])} here' for k in expected
                   if k in got and got[k] != expected[k]]
-        if missing or unexpected or shapes:
-            detail = '; '.join(filter(None, [
-                f'missing weights {missing[:3]}' + (' ...' if len(missing) > 3 else '') if missing else '',
-                f'unexpected weights {unexpected[:3]}' + (' ...' if len(unexpected) > 3 else '') if unexpected else '',
-                '; '.join(shapes[:2])]))
+        if keys['missing'] or keys['unexpected'] or shapes:
+            detail = '; '.join([f'{what} weights {ks[:3]}' + (' ...' if len(ks) > 3 else '')
+                                for what, ks in keys.items() if ks] + shapes[:2])
             classes = getattr(model, 'num_classes', '?')
-            _fail(f'checkpoint {path!r} ({_flag(key)}) does not fit this run\'s model {args.model!r} with {classes} '
-                  f'classes ({detail}); use a checkpoint of the same architecture and class count, or fix model / num_classes')
+            _fail(f'checkpoint {path!r} ({flag(key)}) does not fit this run\'s model {args.model!r} with {classes} '
+                  f'classes ({detail}); use a checkpoint of the same architecture and class count, or fix model / '
+                  f'num_classes')
 
 
 def _check_optimizer(args) -> None:
@@ -198,8 +186,7 @@ def _check_optimizer(args) -> None:
     try:
         create_optimizer_v2([torch.nn.Parameter(torch.zeros(2, 2))], opt=opt, lr=0.1)
     except Exception as e:
-        names = list_optimizers()
-        close = difflib.get_close_matches(str(opt).lower().split('_')[-1], names, n=3)
+        close = difflib.get_close_matches(str(opt).lower().split('_')[-1], list_optimizers(), n=3)
         hint = f'did you mean {close}? ' if close else ''
         _fail(f'optimizer {opt!r} cannot be created by timm {timm.__version__} ({type(e).__name__}: '
               f'{str(e).splitlines()[0] if str(e) else ""}); {hint}timm.optim.list_optimizers() lists the names '
@@ -239,7 +226,7 @@ def check_combinations(args, config: Optional[StimulativeConfig]) -> None:
         value = getattr(args, name, None)
         if value is not None and len(value) not in (1, channels):
             _fail(f'{name}: got {len(value)} values {list(value)} for {channels} input channels; give one value per '
-                  f'channel (or one for all) in the recipe or with {_flag(name)}')
+                  f'channel (or one for all) in the recipe or with {flag(name)}')
     sizes, batches = getattr(args, 'train_img_sizes', None), getattr(args, 'train_batch_sizes', None)
     if batches is not None and sizes is None:
         _fail('train_batch_sizes needs train_img_sizes (one batch size per training size)')
@@ -252,11 +239,8 @@ def check_combinations(args, config: Optional[StimulativeConfig]) -> None:
     bad = [e for e in getattr(args, 'save_epochs', None) or () if epochs is not None and e > epochs]
     if bad:
         _fail(f'save_epochs {bad}: milestones are completed-epoch counts within 1..epochs ({epochs})')
-    if config is not None:
-        _check_method_combinations(args, config)
-
-
-def _check_method_combinations(args, config: StimulativeConfig) -> None:
+    if config is None:
+        return
     if getattr(args, 'kd_model_name', None) is not None:
         _fail('the recipe has a stimulative: section and kd_model_name is set; train.py would build a '
               'distillation task and ignore stimulative training. Remove one of them.')
@@ -274,18 +258,9 @@ def _loader_takes_zero_workers() -> bool:
     """Whether timm's create_loader accepts num_workers=0 with its default persistent_workers=True
     (timm before 1.0.29 hands both to torch's DataLoader, which refuses them)."""
     from timm.data import create_loader
-
-    class _One(torch.utils.data.Dataset):
-        transform = None
-
-        def __len__(self):
-            return 1
-
-        def __getitem__(self, index):
-            return torch.zeros(3, 4, 4), 0
-
+    one = torch.utils.data.TensorDataset(torch.zeros(1, 3, 4, 4), torch.zeros(1))
     try:
-        create_loader(_One(), input_size=(3, 4, 4), batch_size=1, num_workers=0, use_prefetcher=False)
+        create_loader(one, input_size=(3, 4, 4), batch_size=1, num_workers=0, use_prefetcher=False)
     except ValueError:
         return False
     return True
@@ -295,11 +270,9 @@ def check_output_folder(path: Optional[str], option: str) -> None:
     """Refuse an output folder that cannot be created: it, or a folder it would be created in, is a file."""
     if not path:
         return
-    for parent in [Path(path), *Path(path).absolute().parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                _fail(f'{option} {str(path)!r}: {str(parent)!r} is a file, not a folder; pass a folder to write into')
-            return
+    existing = next(p for p in [Path(path), *Path(path).absolute().parents] if p.exists())  # the root exists
+    if not existing.is_dir():
+        _fail(f'{option} {str(path)!r}: {str(existing)!r} is a file, not a folder; pass a folder to write into')
 
 
 def _check_environment(args, runner: str) -> None:
@@ -328,9 +301,8 @@ def _check_environment(args, runner: str) -> None:
 def check_run(args, config: Optional[StimulativeConfig], runner: str) -> torch.nn.Module:
     """The one validation of a whole run (recipe + command line), before any work; raises RunError.
 
-    `runner` is `TIMM_ST_TRAIN` or a description of timm's train.py running the recipe (the hook);
-    `args` is that runner's parsed namespace (options a runner lacks are skipped). Returns the run's model
-    on the meta device (no memory, no weights).
+    `runner` is `TIMM_ST_TRAIN` or a description of timm's train.py (the hook); `args` is that runner's
+    namespace (options it lacks are skipped). Returns the run's model on the meta device.
     """
     model_name = getattr(args, 'model', None)
     if not isinstance(model_name, str) or not timm.is_model(model_name):
@@ -355,16 +327,12 @@ def check_run(args, config: Optional[StimulativeConfig], runner: str) -> torch.n
 
 def check_dataset_classes(args, dataset) -> Optional[int]:
     """The dataset's class count, which a set num_classes must equal."""
-    names = class_names(dataset)
-    count = len(names) if names else None
+    count = len(class_names(dataset) or ()) or None
     if args.num_classes is not None and count is not None and count != args.num_classes:
         _fail(f'num_classes is {args.num_classes} but the dataset has {count} classes; '
               f'fix num_classes in the recipe or --num-classes')
     return count
 
-
-# ---------------------------------------------------------------------------------------------
-# timm-st analyze
 
 def check_analysis_options(args) -> None:
     """The options of `timm-st analyze` that need no file read: counts, `--subnets`, the output folder."""
@@ -384,12 +352,10 @@ def check_calibration_split(name: str, root: Optional[str], split: str, train_sp
     """The number of training images BatchNorm statistics can be re-estimated on (`--bn recalibrate`); refuses a
     training split that is absent, or that holds other classes than the evaluated split `eval_dataset`."""
     from timm.data.dataset_factory import _search_split
-    from .data import create_split
     shown = shown or f'{name or "image folder"} at {root}'
     fix = 'fix --data-dir / --train-split, or use --bn running'
     if not name and root and os.path.isdir(root):
-        # timm reads an image folder without that split subfolder as the whole folder: that would re-estimate on
-        # the evaluation images themselves
+        # without that split subfolder timm reads the whole folder: the evaluation images themselves
         calib_root, eval_root = _search_split(root, train_split), _search_split(root, split)
         if os.path.samefile(calib_root, root) or os.path.samefile(calib_root, eval_root):
             _fail(f'--bn recalibrate needs training images: {shown} has no {train_split}/ folder (timm would read '
