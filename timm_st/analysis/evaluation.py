@@ -104,15 +104,13 @@ def _counted(loader: Iterable, device: torch.device, channels_last: bool, max_sa
 def _results(evaluators: Sequence[Any], distributed: bool) -> List[Dict[str, float]]:
     """Loss, top-1, top-5 and examples of each evaluator, summed over ranks when `distributed` (read once,
     at the end)."""
-    results = [dict(ev.compute(distributed=distributed)) for ev in evaluators]
+    results = [ev.compute(distributed=distributed) for ev in evaluators]
     samples = [ev.num_samples for ev in evaluators]
     if distributed and samples:
         counts = torch.tensor(samples, dtype=torch.int64, device=evaluators[0].counts.device)
         torch.distributed.all_reduce(counts)
         samples = counts.tolist()
-    for result, n in zip(results, samples):
-        result['samples'] = int(n)
-    return results
+    return [{**result, 'samples': int(n)} for result, n in zip(results, samples)]
 
 
 def _report(progress: Optional[Any], n: int) -> None:

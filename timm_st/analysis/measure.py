@@ -33,8 +33,8 @@ _logger = logging.getLogger(__name__)
 
 
 def shard_bounds(count: int, rank: int, world_size: int) -> Tuple[int, int]:
-    """Contiguous share `[start, stop)` of `count` items for `rank`: contiguous, so the sub-networks a rank
-    evaluates share prefixes (tree evaluation), and concatenating the shares in rank order restores the order."""
+    """Contiguous share `[start, stop)` of `count` items for `rank` (module docstring); the shares in rank order
+    are the items in order."""
     return count * rank // world_size, count * (rank + 1) // world_size
 
 

@@ -8,9 +8,8 @@ of sub-networks below it. It keeps only activations along the current path, and 
 that continues a stage last (after freeing its parent's output), so for an ordered space it holds
 about one activation per stage, not one per block.
 
-To run pieces of a model, a family registers a `TreeSplit` (stem, optional per-stage entry, head)
-beside its sub-network adapter; the blocks are the children of the adapter's stage containers.
-Families without a split are evaluated one sub-network at a time (`tree_supported` says why).
+To run pieces of a model, a family registers a `TreeSplit` beside its sub-network adapter; families
+without one are evaluated one sub-network at a time (`tree_supported` says why).
 
 BatchNorm re-estimation: in train-mode BN the activations along a path do not depend on running
 statistics, so one tree pass over the calibration images accumulates every node's own statistics
