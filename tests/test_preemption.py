@@ -36,7 +36,7 @@ def test_signals_save_at_the_next_update_and_resume_auto_continues_exactly(tmp_p
     proc = train(run, args, at=('step', 2, 'usr1'))  # during epoch 0's step 1, which ends an update
     assert proc.returncode == 138, proc.stderr[-3000:]
     assert checkpoint_position(newest_checkpoint(run)) == (0, 2)
-    assert proc.stderr.strip().splitlines()[-1].endswith(f'--experiment run --resume auto')
+    assert proc.stderr.strip().splitlines()[-1].endswith('--experiment run --resume auto')
     # continued from (0, 2): its 2nd step is epoch 1's step 0, which accumulates; it stops after step 1
     proc = train(run, args, at=('step', 2, 'term'))
     assert proc.returncode == 143, proc.stderr[-3000:]
