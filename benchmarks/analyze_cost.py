@@ -44,7 +44,7 @@ import json
 import platform
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -91,6 +91,39 @@ def _batches(n: int, batch_size: int, size: int, classes: int, seed: int, device
              torch.randint(0, classes, (batch_size,), generator=g).to(device)) for _ in range(n)]
 
 
+def compare_routes(results) -> List[Tuple[str, bool, float]]:
+    """Per BN mode: do the tree and the one-by-one route give identical results, and the largest loss difference."""
+    checks = []
+    for bn in ('running', 'recalibrate'):
+        tree, each = results[(bn, 'tree')], results[(bn, 'each')]
+        same = all(t['top1'] == e['top1'] and t['top5'] == e['top5'] and abs(t['loss'] - e['loss']) <= 1e-6 * abs(e['loss'])
+                   for t, e in zip(tree, each))
+        max_diff = max(abs(t['loss'] - e['loss']) for t, e in zip(tree, each))
+        checks.append((bn, same, max_diff))
+        if not same:
+            print(f'ERROR: bn {bn}: tree and one-by-one results differ (max loss difference {max_diff:.3g})')
+
+    return checks
+
+
+def table(rows: List[Dict[str, Any]]) -> Tuple[List[str], Dict[Tuple[str, str], Dict[str, Any]]]:
+    """The Markdown table (each route against one by one, in time, block evaluations and FLOPs) and rows by key."""
+    by_key = {(r['bn'], r['method']): r for r in rows}
+    lines = ['| bn | method | time s | time ratio | block evals / batch | block ratio | GFLOPs / image | FLOP ratio |',
+             '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for r in rows:
+        base = by_key[(r['bn'], 'each')]
+        tree_info = by_key[(r['bn'], 'tree')]['info']
+        blocks = tree_info['block_evaluations_per_batch' if r['method'] == 'tree' else 'block_evaluations_each_per_batch']
+        r['time_ratio'] = r['seconds'] / base['seconds']
+        r['flop_ratio'] = r['flops_per_image'] / base['flops_per_image']
+        r['block_evaluations_per_batch'] = blocks
+        r['block_ratio'] = blocks / tree_info['block_evaluations_each_per_batch']
+        lines.append(f"| {r['bn']} | {r['method']} | {r['seconds']:.1f} | {r['time_ratio']:.3f} | {blocks} | "
+                     f"{r['block_ratio']:.3f} | {r['flops_per_image'] / 1e9:.1f} | {r['flop_ratio']:.3f} |")
+    return lines, by_key
+
+
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -128,29 +161,8 @@ def main(argv=None) -> Dict[str, Any]:
             results[(bn, method)] = metrics
             rows.append({'bn': bn, 'method': method, 'seconds': seconds, 'flops_per_image': counter.get_total_flops() / flop_images,
                          'info': info})
-    checks = []
-    for bn in ('running', 'recalibrate'):
-        tree, each = results[(bn, 'tree')], results[(bn, 'each')]
-        same = all(t['top1'] == e['top1'] and t['top5'] == e['top5'] and abs(t['loss'] - e['loss']) <= 1e-6 * abs(e['loss'])
-                   for t, e in zip(tree, each))
-        max_diff = max(abs(t['loss'] - e['loss']) for t, e in zip(tree, each))
-        checks.append((bn, same, max_diff))
-        if not same:
-            print(f'ERROR: bn {bn}: tree and one-by-one results differ (max loss difference {max_diff:.3g})')
-
-    by_key = {(r['bn'], r['method']): r for r in rows}
-    lines = ['| bn | method | time s | time ratio | block evals / batch | block ratio | GFLOPs / image | FLOP ratio |',
-             '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
-    for r in rows:
-        base = by_key[(r['bn'], 'each')]
-        tree_info = by_key[(r['bn'], 'tree')]['info']
-        blocks = tree_info['block_evaluations_per_batch' if r['method'] == 'tree' else 'block_evaluations_each_per_batch']
-        r['time_ratio'] = r['seconds'] / base['seconds']
-        r['flop_ratio'] = r['flops_per_image'] / base['flops_per_image']
-        r['block_evaluations_per_batch'] = blocks
-        r['block_ratio'] = blocks / tree_info['block_evaluations_each_per_batch']
-        lines.append(f"| {r['bn']} | {r['method']} | {r['seconds']:.1f} | {r['time_ratio']:.3f} | {blocks} | "
-                     f"{r['block_ratio']:.3f} | {r['flops_per_image'] / 1e9:.1f} | {r['flop_ratio']:.3f} |")
+    checks = compare_routes(results)
+    lines, by_key = table(rows)
     dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (
         f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
     env = (f'device: {dev_name}; torch {torch.__version__}; timm {timm.__version__}; model {args.model}; '

@@ -100,7 +100,7 @@ import random
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -550,11 +550,8 @@ def _ratio(r: Optional[float]) -> str:
     return '-' if r is None or not math.isfinite(r) else f'{r:.2f}'
 
 
-def main(argv=None) -> Dict[str, Any]:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', torch.cuda.current_device())
+def measure(args, device: torch.device) -> Tuple[Dict[str, Dict[str, Any]], float]:
+    """Every configuration's step, warm-up then timed round-robin (and the allocator phase): results by label."""
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     seed_everything(args.seed)
@@ -590,7 +587,11 @@ def main(argv=None) -> Dict[str, Any]:
                 fixed = r.task.config.input_scale is None
                 r.allocator_phase(x, y, min(args.memory_steps, FIXED_SHAPE_MEMORY_STEPS) if fixed else args.memory_steps)
 
-    results = {r.label: r.summary() for r in runners}
+    return {r.label: r.summary() for r in runners}, warmup_s
+
+
+def add_ratios(results: Dict[str, Dict[str, Any]]) -> None:
+    """Each configuration against CT with the same options, the authors' way, and its eager twin."""
     authors = results.get(f'{AUTHORS} [fp32, NCHW, eager]')
     for res in results.values():
         ct = next((o for o in results.values() if o['name'] == 'CT' and o['options'] == res['options']), None)
@@ -608,6 +609,9 @@ def main(argv=None) -> Dict[str, Any]:
             if eager is not None:
                 res['compiled_vs_eager_step_time'] = res['step_time_median_s'] / eager['step_time_median_s']
 
+
+def tables(args, results: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The Markdown tables: the step per configuration, and the allocator phase when measured."""
     lines = [
         '| config | options | images/s | step ms | full pass ms | sub-networks ms | optimizer ms | GFLOPs | '
         'peak mem MiB | time/FLOP vs CT | mem vs CT | images/s vs authors |',
@@ -631,21 +635,11 @@ def main(argv=None) -> Dict[str, Any]:
                 lines.append(f"| {res['name']} | {res['options']} | {a['sides_drawn']} | {a['allocated_peak_mib']:.0f} | "
                              f"{a['reserved_peak_mib']:.0f} | {_ratio(a.get('allocated_peak_vs_ct'))} | "
                              f"{_ratio(a.get('reserved_peak_vs_ct'))} | {a['alloc_retries']} | {a['ooms']} |")
-    dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (
-        f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
-    env = (f'device: {dev_name}; torch {torch.__version__}; timm {timm.__version__}; model {args.model}; '
-           f'batch {args.batch_size}; img {args.img_size}; steps {args.steps} (+{args.warmup} warm-up, '
-           f'{warmup_s:.0f} s incl. compilation); backend {args.backend}; cudnn_benchmark {args.cudnn_benchmark}; '
-           f'input_size_multiple {args.input_size_multiple}; seed {args.seed}')
-    mem_what = ('CUDA max_memory_allocated per step (own params/buffers/optimizer state + step peak)'
-                if device.type == 'cuda' else
-                'peak live bytes of autograd saved tensors per step (activations; fwd+bwd incl. sub-networks)')
-    print('\n'.join(lines))
-    print()
-    print(env)
-    print('images/s and phases: medians over the timed steps. time/FLOP vs CT: median seconds per FLOP relative '
-          'to CT with the same options. peak mem: ' + mem_what + '.')
+    return lines
 
+
+def target_lines(results: Dict[str, Dict[str, Any]], device: torch.device) -> List[str]:
+    """The issue's targets for ST and ST++, met or not, as measured."""
     targets = []
     for res in results.values():
         if res['name'] not in ('ST', 'ST++'):
@@ -674,6 +668,33 @@ def main(argv=None) -> Dict[str, Any]:
             parts.append(f"compiled/eager step time {res['compiled_vs_eager_step_time']:.2f} "
                          f"({'no slower' if ok else 'SLOWER'})")
         targets.append(f"{res['name']} [{res['options']}]: " + '; '.join(parts))
+    return targets
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    results, warmup_s = measure(args, device)
+    add_ratios(results)
+    lines = tables(args, results)
+    dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (
+        f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
+    env = (f'device: {dev_name}; torch {torch.__version__}; timm {timm.__version__}; model {args.model}; '
+           f'batch {args.batch_size}; img {args.img_size}; steps {args.steps} (+{args.warmup} warm-up, '
+           f'{warmup_s:.0f} s incl. compilation); backend {args.backend}; cudnn_benchmark {args.cudnn_benchmark}; '
+           f'input_size_multiple {args.input_size_multiple}; seed {args.seed}')
+    mem_what = ('CUDA max_memory_allocated per step (own params/buffers/optimizer state + step peak)'
+                if device.type == 'cuda' else
+                'peak live bytes of autograd saved tensors per step (activations; fwd+bwd incl. sub-networks)')
+    print('\n'.join(lines))
+    print()
+    print(env)
+    print('images/s and phases: medians over the timed steps. time/FLOP vs CT: median seconds per FLOP relative '
+          'to CT with the same options. peak mem: ' + mem_what + '.')
+
+    targets = target_lines(results, device)
     print('targets:\n  ' + '\n  '.join(targets))
     for res in results.values():
         if res['name'] == 'CT' and res['step_time_spread'] > 1.5:
