@@ -247,6 +247,14 @@ def test_install_builds_stimulative_task(tmp_path):
     assert hook.install(module, args) is state  # a second import does not wrap twice
 
 
+def test_install_logs_the_method_with_its_schedule(tmp_path, caplog):
+    # with subnet_interval the log must not claim sub-networks on every step
+    args = make_args({'num_subnets': 1, 'subnet_interval': 4})
+    with caplog.at_level('INFO', logger='timm_st.runs.hook'):
+        hook.install(fake_train_module(tmp_path, args), args)
+    assert 'with sub-networks on every 4th step; num_subnets 1' in caplog.text and 'per step' not in caplog.text
+
+
 def test_epochs_follow_command_line_override(tmp_path):
     # args are the parsed ones (recipe + command line): the factory reads epochs when it runs
     args = make_args({'coef_schedule': 'cosine_down'}, epochs=300)

@@ -31,7 +31,7 @@ import torch.nn as nn
 import timm_st  # noqa: F401  (registers timm-st's models with timm)
 from timm.task import ClassificationTask
 
-from ..method.config import StimulativeConfig
+from ..method.config import StimulativeConfig, describe_method
 from .build import build_task
 from .data import dataset_location
 from .errors import RunError
@@ -357,7 +357,7 @@ def install(main_module: types.ModuleType, args: argparse.Namespace) -> Optional
     ns['validate'] = validate
     if os.environ.get('RANK', '0') == '0':
         _logger.info(f'timm_st.commands.hook: stimulative training in {getattr(main_module, "__file__", "train.py")} '
-                     f'({config.num_subnets} sub-network(s) per step, loss {config.loss}, '
+                     f'({describe_method(section)[1]}; num_subnets {config.num_subnets}, loss {config.loss}, '
                      f'recalibrate_bn {config.recalibrate_bn})')
     return state
 
