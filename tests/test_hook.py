@@ -20,6 +20,7 @@ import yaml
 
 import timm_st.commands.hook as hook
 import timm_st.method.task
+import timm_st.runs.hook
 from timm_st import StimulativeConfig, StimulativeTask
 from conftest import write_image_folder
 from timm_st.runs.errors import RunError
@@ -253,6 +254,19 @@ def test_install_logs_the_method_with_its_schedule(tmp_path, caplog):
     with caplog.at_level('INFO', logger='timm_st.runs.hook'):
         hook.install(fake_train_module(tmp_path, args), args)
     assert 'with sub-networks on every 4th step; num_subnets 1' in caplog.text and 'per step' not in caplog.text
+
+
+def test_train_py_loaders_get_the_prefetcher_guard_and_the_keyed_training_loader(tmp_path, monkeypatch):
+    guarded, keyed = [], []
+    monkeypatch.setattr(timm_st.runs.hook, 'guard_prefetcher', lambda loader: guarded.append(loader) or loader)
+    monkeypatch.setattr(timm_st.runs.hook, 'seeded_loader', lambda loader, *a: keyed.append(loader) or loader)
+    args = make_args({'num_subnets': 1}, seed=0, mixup_off_epoch=0)
+    module = fake_train_module(tmp_path, args)
+    module.create_loader = lambda dataset, **kw: dataset
+    hook.install(module, args)
+    module.create_loader('train', is_training=True)
+    module.create_loader('eval', is_training=False)
+    assert guarded == ['train', 'eval'] and keyed == ['train']
 
 
 def test_epochs_follow_command_line_override(tmp_path):

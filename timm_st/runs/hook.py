@@ -32,6 +32,7 @@ import timm_st  # noqa: F401  (registers timm-st's models with timm)
 from timm.task import ClassificationTask
 
 from ..method.config import StimulativeConfig, describe_method
+from ..prefetch import guard_prefetcher
 from .build import build_task
 from .data import dataset_location
 from .errors import RunError
@@ -278,14 +279,15 @@ def validate_run(main_module: types.ModuleType, args: argparse.Namespace
 
 def _key_training_loader(ns: dict, args: argparse.Namespace) -> None:
     """train.py's training loader with the random draws of timm-st train (`runs.seeding`: keyed by seed, rank,
-    epoch and batch), so that both routes draw the same batches, augmentations and step draws."""
+    epoch and batch), so that both routes draw the same batches, augmentations and step draws; both loaders with
+    timm-st's prefetcher guard."""
     create_loader = ns.get('create_loader')
     if create_loader is None or getattr(create_loader, '_timm_st_keyed', False):
         return
 
     @functools.wraps(create_loader)
     def keyed_create_loader(*a, **kw):
-        loader = create_loader(*a, **kw)
+        loader = guard_prefetcher(create_loader(*a, **kw))  # timm <= 1.0.28's prefetcher under DDP (prefetch.py)
         if not kw.get('is_training'):
             return loader
         return seeded_loader(loader, args.seed, getattr(args, 'rank', 0), args.mixup_off_epoch,
