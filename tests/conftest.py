@@ -52,6 +52,33 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def randomize_bn_affine(model):
+    """BatchNorm scales in [0.5, 1.5] and shifts in [-0.2, 0.2] (seeded by the caller): no block starts silent."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def half_batch_reference(task, data, steps, device='cpu'):
+    """What each of two DDP ranks must hold after step s of `steps`: the mean of the single-process gradients of
+    the two halves of `data(s)`, the second half drawing the plans the first drew (as every rank does)."""
+    references = []
+    for step in range(steps):
+        x, y = data(step)
+        halves, state = [], task.sampler.state_dict()
+        for r in range(2):
+            if r == 1:
+                task.sampler.load_state_dict(state)
+            task(x.chunk(2)[r].to(device), y.chunk(2)[r].to(device))['loss'].backward()
+            halves.append({n: g.cpu() for n, g in grads(task.model).items()})
+            task.model.zero_grad(set_to_none=True)
+        references.append({n: (halves[0][n] + halves[1][n]) / 2 for n in halves[0]})
+    return references
+
+
 def assert_grads_close(got, ref, rel=1e-6):
     assert got.keys() == ref.keys()
     for name in ref:

@@ -13,7 +13,8 @@ from timm_st import StimulativeTask, recalibrate_bn
 from timm_st.analysis.evaluation import evaluate_plans, space_plans
 from timm_st.method.backends import BLOCK_CONTEXTS, SHAPE_BUCKETS, block_graph_bound, block_kinds
 
-from conftest import PLANS, FixedSampler, assert_grads_close, assert_nontrivial_grads, batch, clone, grads
+from conftest import (PLANS, FixedSampler, assert_grads_close, assert_nontrivial_grads, batch, clone, grads,
+                      half_batch_reference)
 
 ST_PP = {'num_subnets': 6, 'input_scale': [0.43, 1.0], 'loss': 'kl_direction'}
 
@@ -383,18 +384,7 @@ def test_ddp_compiled_gradients_equal_single_process_eager(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_compiled_worker, args=(port, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
-    model = tiny_cifar_resnet()
-    task = StimulativeTask(model, DDP_CONFIG, verbose=False)
-    for step in range(3):
-        x, y = _ddp_data(step)
-        halves = []
-        state = task.sampler.state_dict()
-        for r in range(2):
-            if r == 1:
-                task.sampler.load_state_dict(state)  # rank 1 draws the plans rank 0 drew
-            task(x.chunk(2)[r], y.chunk(2)[r])['loss'].backward()
-            halves.append(grads(model))
-            model.zero_grad(set_to_none=True)
-        reference = {n: (halves[0][n] + halves[1][n]) / 2 for n in halves[0]}
+    task = StimulativeTask(tiny_cifar_resnet(), DDP_CONFIG, verbose=False)
+    for step, reference in enumerate(half_batch_reference(task, _ddp_data, steps=3)):
         for got in ranks:
             assert_grads_close(got[step], reference, rel=1e-5)

@@ -27,7 +27,7 @@ from timm_st.analysis.evaluation import evaluate_plans, space_plans
 from timm_st.method.backends import block_graph_bound, block_kinds
 from timm_st.prefetch import consumer_stream_batches
 
-from conftest import assert_grads_close, assert_nontrivial_grads
+from conftest import assert_grads_close, assert_nontrivial_grads, half_batch_reference, randomize_bn_affine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -47,12 +47,7 @@ def signal_resnet18():
     parameters, so every parameter gets a non-zero gradient (at 64 px no stage runs on 1x1 maps)."""
     torch.manual_seed(0)
     model = timm.create_model('resnet18', num_classes=10, zero_init_last=False)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.cuda().train()
+    return randomize_bn_affine(model).cuda().train()
 
 
 def signal_cifar_resnet():
@@ -60,12 +55,7 @@ def signal_cifar_resnet():
     compile (five block kinds), every parameter with a non-zero gradient at 32 px."""
     torch.manual_seed(0)
     model = timm.create_model('resnet20_cifar', widths=(16, 32, 64), num_classes=10)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.cuda().train()
+    return randomize_bn_affine(model).cuda().train()
 
 
 def gpu_batch(n=16, size=64, classes=10, seed=0):
@@ -176,19 +166,8 @@ def test_ddp_nccl_gradients_equal_single_process(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_nccl_worker, args=(port, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
-    model = signal_resnet18()
-    task = StimulativeTask(model, DDP_CONFIG, verbose=False)
-    for step in range(3):
-        x, y = _ddp_data(step)
-        halves = []
-        state = task.sampler.state_dict()
-        for r in range(2):
-            if r == 1:
-                task.sampler.load_state_dict(state)
-            task(x.chunk(2)[r].cuda(), y.chunk(2)[r].cuda())['loss'].backward()
-            halves.append({n: p.grad.cpu() for n, p in model.named_parameters()})
-            model.zero_grad(set_to_none=True)
-        reference = {n: (halves[0][n] + halves[1][n]) / 2 for n in halves[0]}
+    task = StimulativeTask(signal_resnet18(), DDP_CONFIG, verbose=False)
+    for step, reference in enumerate(half_batch_reference(task, _ddp_data, steps=3, device='cuda')):
         assert_nontrivial_grads(reference)
         for got in ranks:
             assert_grads_close(got[step], reference, rel=1e-4)
